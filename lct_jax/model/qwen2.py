@@ -1,0 +1,223 @@
+"""Qwen2 decoder (Flax NNX), numerically equal to transformers' ``Qwen2ForCausalLM``.
+
+Axis alphabet: B batch, T tokens, D model dim, N query heads, K kv heads, H head dim, F MLP dim, V vocab.
+
+- RMSNorm in fp32, weight applied after casting back (HF order).
+- RoPE in the HF rotate-half layout, cos/sin computed in fp32 from position ids (no fixed-length table), so
+  positions can reach millions; theta is configurable (1e6 for Qwen2, 1e9 after LongVA's text extension).
+- GQA attention with q/k/v biases and no o bias, through :func:`lct_jax.ops.attention.attention`
+  (dense reference or ring attention); SwiGLU MLP; tied or untied LM head.
+- Layers are stacked and scanned, rematerialized per layer with a configurable policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lct_jax.model.layers import Dense, RMSNorm, param, scan_layers, stack_layers
+from lct_jax.ops.attention import attention
+from lct_jax.sharding import constrain, mesh_axis_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int  # D
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    intermediate_size: int  # F
+    head_dim: int | None = None  # H; defaults to D // N
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    remat: str = "full"  # see lct_jax.model.layers.REMAT_POLICIES
+    attention: str = "auto"  # 'dense' | 'ring' | 'auto' (= ring when the mesh's seq axis > 1)
+    ring_impl: str = "xla"  # ring attention block kernel: 'xla' | 'pallas_tpu' | 'pallas_gpu'
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} does not divide by num_heads={self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.attention not in ("dense", "ring", "auto"):
+            raise ValueError(f"attention={self.attention!r}; expected 'dense', 'ring' or 'auto'")
+
+    def replace(self, **kw) -> Qwen2Config:
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS: dict[str, Qwen2Config] = {
+    "tiny": Qwen2Config(
+        vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128
+    ),
+    "qwen2_0_5b": Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        tie_word_embeddings=True,
+    ),
+    "qwen2_1_5b": Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        intermediate_size=8960,
+        tie_word_embeddings=True,
+    ),
+    "qwen2_7b": Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        intermediate_size=18944,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF rotate-half layout.  x: [B, T, *, H], positions: int[B, T]."""
+    h = x.shape[-1]
+    # inv_freq in float64 on the host, rounded once to fp32: matches torch's fp32 table to the ulp.
+    inv_freq = jnp.asarray(1.0 / theta ** (np.arange(0, h, 2, dtype=np.float64) / h), jnp.float32)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, init_std=cfg.init_std)
+        self.cfg = cfg
+        self.q = Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), use_bias=True, **kw)
+        self.k = Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, **kw)
+        self.v = Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, **kw)
+        self.o = Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, **kw)
+
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        q = rope(self.q(x), positions, cfg.rope_theta)  # [B, T, N, H]
+        k = rope(self.k(x), positions, cfg.rope_theta)  # [B, T, K, H]
+        v = self.v(x)  # [B, T, K, H]
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        impl = cfg.attention
+        if impl == "auto":
+            impl = "ring" if mesh_axis_size("seq") > 1 else "dense"
+        ring_options = {"impl": cfg.ring_impl} if impl == "ring" else {}
+        o = attention(q, k, v, positions, segment_ids, impl=impl, **ring_options)  # [B, T, N, H]
+        return self.o(o)  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, init_std=cfg.init_std)
+        self.gate = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
+        self.up = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
+        self.down = Dense((f,), (d,), ("mlp",), ("embed",), use_bias=False, **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate(x)) * self.up(x)  # [B, T, F]
+        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        return self.down(h)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        kw = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids):
+        x = x + self.attn(self.input_norm(x), positions, segment_ids)
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+
+class Qwen2(nnx.Module):
+    """Qwen2 causal LM.
+
+    ``model(input_ids)`` → logits float32[B, T, V]. ``model.encode(...)`` gives the final normed hidden states
+    [B, T, D] (for a chunked loss that never materializes [T, V]); ``model.logits(hidden)`` applies the head.
+    Either ``input_ids`` int[B, T] or ``inputs_embeds`` [B, T, D] (visual tokens spliced in) may be given.
+    ``positions`` default to 0..T-1; ``segment_ids`` (optional) restrict attention to equal ids.
+    """
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(
+            rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt
+        )
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else param(
+                rngs, nnx.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt
+            )
+        )
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """int[B, T] → [B, T, D] in the compute dtype."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+    def encode(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None) -> jax.Array:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.dtype)
+        b, t = x.shape[:2]
+        seq = mesh_axis_size("seq")
+        if t % seq:
+            raise ValueError(f"sequence length {t} does not divide by the mesh's seq axis ({seq}); pad it")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = scan_layers(self.layers, x, positions, segment_ids, policy=self.cfg.remat)
+        return self.norm(x)
+
+    def head_weight(self) -> jax.Array:
+        """[D, V] output projection (the transposed embedding when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] → float32[B, T, V]."""
+        w = self.head_weight().astype(self.cfg.dtype)
+        out = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(out, ("act_batch", "act_seq", "act_vocab"))
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None) -> jax.Array:
+        hidden = self.encode(input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids)
+        return self.logits(hidden)
+
+
+def count_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
