@@ -40,7 +40,7 @@ class Qwen2Config:
     param_dtype: str = "float32"
     remat: str = "full"  # see lct_jax.model.layers.REMAT_POLICIES
     attention: str = "auto"  # 'dense' | 'ring' | 'auto' (= ring when the mesh's seq axis > 1)
-    ring_impl: str = "xla"  # ring attention block kernel: 'xla' | 'pallas_tpu' | 'pallas_gpu'
+    ring_kernel: str = "xla"  # ring attention block kernel: 'xla' | 'pallas_tpu' | 'pallas_gpu'
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -127,7 +127,7 @@ class Attention(nnx.Module):
         impl = cfg.attention
         if impl == "auto":
             impl = "ring" if mesh_axis_size("seq") > 1 else "dense"
-        ring_options = {"impl": cfg.ring_impl} if impl == "ring" else {}
+        ring_options = {"kernel": cfg.ring_kernel} if impl == "ring" else {}
         o = attention(q, k, v, positions, segment_ids, impl=impl, **ring_options)  # [B, T, N, H]
         return self.o(o)  # [B, T, D]
 

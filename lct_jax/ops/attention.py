@@ -56,7 +56,8 @@ def attention(q, k, v, positions, segment_ids=None, *, impl: str = "dense", **ri
     Args:
       q: [B, T, N, H]; k, v: [B, T, K, H]; positions: int[B, T]; segment_ids: optional int[B, T].
       impl: ``'dense'`` (reference, any sharding; XLA gathers the sequence) or ``'ring'`` (ring attention over
-        the mesh's ``seq`` axis).
+        the mesh's ``seq`` axis); ``ring_options`` (e.g. ``kernel='xla'|'pallas_tpu'|'pallas_gpu'``) go to
+        :func:`lct_jax.ops.ring_attention.ring_attention`.
     """
     if impl == "dense":
         return dense_attention(q, k, v, positions, positions, segment_ids, segment_ids)
