@@ -1,0 +1,169 @@
+"""Model checkpoint directories: ``lct_config.json`` (which model, its config) + an Orbax ``params`` item.
+
+Layout::
+
+    CKPT_DIR/
+      lct_config.json     {"kind": "qwen2", "config": {...Qwen2Config fields...}}
+      params/             Orbax PyTree checkpoint of the params (nested dict, fp32 by default)
+      tokenizer.json ...  optional tokenizer files, copied through on export
+
+Writes are atomic: everything goes to a hidden sibling directory that is renamed into place at the end, so a
+crash or a bad input never leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lct_jax.convert.mapping import ConversionError
+
+CONFIG_NAME = "lct_config.json"
+PARAMS_ITEM = "params"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+def model_classes(kind: str):
+    """(config class, model class) for a checkpoint kind."""
+    if kind == "qwen2":
+        from lct_jax.model.qwen2 import Qwen2, Qwen2Config
+
+        return Qwen2Config, Qwen2
+    if kind == "longva":
+        from lct_jax.model.longva import LongVA, LongVAConfig
+
+        return LongVAConfig, LongVA
+    raise ConversionError(f"unknown model kind {kind!r} in {CONFIG_NAME}; expected 'qwen2' or 'longva'")
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(kind: str, d: dict):
+    cls, _ = model_classes(kind)
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConversionError(f"{CONFIG_NAME}: unknown {kind} config fields {sorted(unknown)}")
+    return cls(**d)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory that becomes ``out`` only if the block succeeds."""
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty; remove it or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_params(path: Path, params: dict) -> None:
+    """Save a nested dict of arrays as an Orbax PyTree checkpoint at ``path`` (must not exist)."""
+    params = jax.tree.map(np.asarray, params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(Path(path).absolute(), params)
+
+
+def restore_params_numpy(path: Path) -> dict:
+    """Restore an Orbax params item as a nested dict of numpy arrays (no devices, no sharding)."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise ConversionError(f"no Orbax params at {path}")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, restore_args=restore_args)
+
+
+def save_model_checkpoint(out: str | os.PathLike, kind: str, cfg, params: dict, *, extra_files=(),
+                          overwrite: bool = False) -> Path:
+    """Write ``out/lct_config.json`` + ``out/params`` atomically; ``extra_files`` are copied in (tokenizer...)."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps({"kind": kind, "config": config_to_dict(cfg)}, indent=2) + "\n")
+        save_params(tmp / PARAMS_ITEM, params)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return Path(out)
+
+
+def find_model_config(ckpt: str | os.PathLike) -> Path:
+    """The ``lct_config.json`` of a model checkpoint dir, or of a training step dir (looked up one level up)."""
+    ckpt = Path(ckpt)
+    for d in (ckpt, ckpt.parent, ckpt.parent.parent):
+        if (d / CONFIG_NAME).exists():
+            return d / CONFIG_NAME
+    raise ConversionError(f"{ckpt}: no {CONFIG_NAME} found here or in its parents; is this an lct_jax checkpoint?")
+
+
+def read_model_config(ckpt: str | os.PathLike, **overrides):
+    """(kind, config) of a checkpoint; ``overrides`` replace config fields (e.g. dtype='float32')."""
+    meta = json.loads(find_model_config(ckpt).read_text())
+    cfg = config_from_dict(meta["kind"], meta["config"])
+    return meta["kind"], (dataclasses.replace(cfg, **overrides) if overrides else cfg)
+
+
+def tokenizer_files_near(*dirs: str | os.PathLike) -> list[Path]:
+    """Tokenizer files found in the first of ``dirs`` that has any."""
+    for d in dirs:
+        found = [Path(d) / n for n in TOKENIZER_FILES if (Path(d) / n).is_file()]
+        if found:
+            return found
+    return []
+
+
+def params_of(model: nnx.Module) -> dict:
+    """A model's params as a nested dict of arrays."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def model_from_params(kind: str, cfg, params: dict) -> nnx.Module:
+    """Build a model of ``kind`` without random init and load ``params`` (nested dict) into it."""
+    _, model_cls = model_classes(kind)
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    want = jax.tree.map(lambda x: tuple(x.shape), nnx.state(abstract, nnx.Param).to_pure_dict())
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if want != got:
+        raise ConversionError(f"checkpoint params do not match the {kind} config: expected {want}, got {got}")
+    state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def load_model(ckpt: str | os.PathLike, **overrides) -> nnx.Module:
+    """Load a model checkpoint directory into an nnx model (e.g. ``load_model(d, dtype='float32')``)."""
+    kind, cfg = read_model_config(ckpt, **overrides)
+    ckpt = Path(ckpt)
+    params_dir = ckpt / PARAMS_ITEM
+    return model_from_params(kind, cfg, restore_params_numpy(params_dir))

@@ -1,0 +1,179 @@
+"""Declarative checkpoint mappings: one table of rules, applied in either direction.
+
+A :class:`Rule` pairs a PyTorch/HF key with an lct_jax param path and a transform. Keys containing ``{i}`` are
+per-layer: they map onto one slice of a param stacked on a leading ``layers`` axis. Both directions check that
+every source key and every target path is used exactly once and that every shape matches; anything left over,
+missing or misshapen is an error that names the key.
+
+Layouts: PyTorch ``Linear.weight`` is [out, in]; our kernels are [*in_dims, *out_dims] (e.g. a q projection
+[D, N, H] is HF's [N*H, D] transposed and reshaped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the mapping: missing, unexpected or misshapen tensors, bad config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """``to_ours(hf_array, our_shape) -> our_array`` and ``to_hf(our_array) -> hf_array``; ``hf_shape`` predicts
+    the HF shape from ours (for shape checks and abstract key sets)."""
+
+    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+
+
+IDENTITY = Transform(lambda a, s: a, lambda a: a, lambda s: tuple(s))
+FLAT = Transform(lambda a, s: a.reshape(s), lambda a: a.reshape(-1), lambda s: (math.prod(s),))
+
+
+def linear(n_in: int) -> Transform:
+    """PyTorch Linear weight [prod(out), prod(in)] <-> kernel [*in (n_in dims), *out]."""
+
+    def hf_shape(s):
+        return (math.prod(s[n_in:]), math.prod(s[:n_in]))
+
+    return Transform(
+        lambda a, s: a.T.reshape(s),
+        lambda a: a.reshape(math.prod(a.shape[:n_in]), -1).T,
+        hf_shape,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
+    ours: str  # e.g. "layers/attn/q/kernel"
+    transform: Transform = IDENTITY
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+
+def _hf_keys(rule: Rule, num_layers: int) -> list[str]:
+    return [rule.hf.format(i=i) for i in range(num_layers)] if rule.stacked else [rule.hf]
+
+
+def hf_shapes(rules: Iterable[Rule], our_shapes: Mapping[str, tuple[int, ...]], num_layers: int) -> dict:
+    """The HF key set and shapes implied by our param shapes (no arrays needed: works on abstract 7B models)."""
+    out = {}
+    for rule in rules:
+        shape = tuple(our_shapes[rule.ours])
+        per = shape[1:] if rule.stacked else shape
+        for key in _hf_keys(rule, num_layers):
+            out[key] = rule.transform.hf_shape(per)
+    return out
+
+
+def _check_coverage(rules: list[Rule], our_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    paths = [r.ours for r in rules]
+    dup = {p for p in paths if paths.count(p) > 1}
+    if dup:
+        raise ConversionError(f"mapping uses param paths more than once: {sorted(dup)}")
+    missing = set(our_shapes) - set(paths)
+    extra = set(paths) - set(our_shapes)
+    if missing or extra:
+        raise ConversionError(f"mapping does not cover the model: unmapped params {sorted(missing)}, "
+                              f"rules for params that do not exist {sorted(extra)}")
+
+
+def to_ours(
+    rules: Iterable[Rule],
+    get_hf: Callable[[str], np.ndarray],
+    hf_keys: Iterable[str],
+    our_shapes: Mapping[str, tuple[int, ...]],
+    num_layers: int,
+    dtype=np.float32,
+) -> dict[str, np.ndarray]:
+    """HF tensors -> {our path: array}. ``get_hf(key)`` loads one tensor lazily."""
+    rules = list(rules)
+    _check_coverage(rules, our_shapes)
+    available = set(hf_keys)
+    expected = set()
+    for rule in rules:
+        expected.update(_hf_keys(rule, num_layers))
+    unexpected = available - expected
+    missing = expected - available
+    if unexpected or missing:
+        raise ConversionError(
+            f"checkpoint keys do not match the model config: missing {sorted(missing)[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected {sorted(unexpected)[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
+    out = {}
+    for rule in rules:
+        shape = tuple(our_shapes[rule.ours])
+        per = shape[1:] if rule.stacked else shape
+        want_hf = rule.transform.hf_shape(per)
+        slices = []
+        for key in _hf_keys(rule, num_layers):
+            arr = np.asarray(get_hf(key))
+            if tuple(arr.shape) != want_hf:
+                raise ConversionError(f"tensor {key!r} has shape {tuple(arr.shape)}, expected {want_hf} "
+                                      f"(for param {rule.ours} of shape {per})")
+            slices.append(rule.transform.to_ours(arr, per).astype(dtype))
+        out[rule.ours] = np.stack(slices) if rule.stacked else slices[0]
+    return out
+
+
+def to_hf(
+    rules: Iterable[Rule], params: Mapping[str, np.ndarray], num_layers: int, dtype=None
+) -> dict[str, np.ndarray]:
+    """{our path: array} -> HF tensors (contiguous, optionally cast)."""
+    rules = list(rules)
+    _check_coverage(rules, {k: v.shape for k, v in params.items()})
+    out = {}
+    for rule in rules:
+        arr = np.asarray(params[rule.ours])
+        for i, key in enumerate(_hf_keys(rule, num_layers)):
+            t = rule.transform.to_hf(arr[i] if rule.stacked else arr)
+            t = np.ascontiguousarray(t if dtype is None else t.astype(dtype))
+            if key in out:
+                raise ConversionError(f"mapping writes HF key {key!r} twice")
+            out[key] = t
+    return out
+
+
+def flatten_params(tree, sep: str = "/") -> dict[str, np.ndarray]:
+    """Nested dict of arrays -> {"a/b/c": array}."""
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}{sep}{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(tree, "")
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def describe_keys(keys: Iterable[str]) -> list[str]:
+    """Collapse per-layer keys to their ``{i}`` pattern (for readable errors and docs)."""
+    return sorted({_LAYER_RE.sub(".{i}.", k) for k in keys})
