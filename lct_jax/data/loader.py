@@ -1,0 +1,249 @@
+"""grain pipelines for the three stages: sharding, zigzag layout, batching, workers, skip counts, resume.
+
+Pipeline (per process)::
+
+    source --shuffle(seed)--> [shard_index::shard_count] --repeat--> map(record -> sample | Skipped)
+        --to_iter_dataset--> pack rows (+ per-row `_skips`) --zigzag rows (seq > 1)--> batch(B)
+        --mp_prefetch(num_workers)--> Finalize (sums `_skips` into counts(), drops the field)
+
+- **Multi-host**: every process shuffles the whole record list with the same seed and keeps every
+  ``shard_count``-th record from ``shard_index`` (default: ``jax.process_index()/process_count()``), so shards are
+  disjoint and cover the epoch. :func:`global_batch` assembles the global ``jax.Array`` with
+  ``jax.make_array_from_process_local_data`` (batch over ``'data'``, tokens over ``'seq'``).
+- **Zigzag**: with ``seq_shards`` W > 1 every per-token field of every row is permuted with
+  :func:`lct_jax.ops.zigzag.zigzag`; the row length is rounded up to a multiple of 2W first, and rounding padding
+  has ``loss_mask`` 0 and ``segment_ids`` 0, so it is never trained on.
+- **Resume**: the returned iterator is a grain ``DatasetIterator``; ``get_state()/set_state()`` restore it
+  exactly, and ``grain.checkpoint.CheckpointSave/CheckpointRestore`` put it inside an Orbax ``CheckpointManager``
+  composite next to the model (see :func:`checkpoint_args`). Restore with the same config (workers included).
+- **Bad records** are dropped with a logged warning and counted; ``it.counts()`` gives
+  ``{'skipped/<reason>': n, 'rows': ..., 'batches': ...}`` for the training metrics (``strict=True`` raises).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from grain import DatasetIterator, IterDataset
+
+from lct_jax.data.skips import SKIP_REASONS, skips_to_dict
+from lct_jax.ops.zigzag import unzigzag, zigzag
+
+log = logging.getLogger("lct_jax.data")
+
+PER_TOKEN_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "visual_index")
+
+
+# ------------------------------------------------------------------------------------------- small helpers
+
+
+def padded_length(seq_len: int, seq_shards: int) -> int:
+    """Row length the zigzag layout needs: ``seq_len`` rounded up to a multiple of 2 * seq_shards."""
+    if seq_shards < 1:
+        raise ValueError(f"{seq_shards=} must be >= 1")
+    if seq_shards == 1:
+        return seq_len
+    m = 2 * seq_shards
+    out = -(-seq_len // m) * m
+    if out != seq_len:
+        log.info(
+            "row length %d rounded up to %d for the zigzag layout over %d shards", seq_len, out, seq_shards
+        )
+    return out
+
+
+def zigzag_row(row: dict[str, np.ndarray], seq_shards: int, inverse: bool = False) -> dict[str, np.ndarray]:
+    """Apply (or undo) the zigzag permutation to every per-token field of one row ([L] arrays)."""
+    if seq_shards == 1:
+        return row
+    f = unzigzag if inverse else zigzag
+    return {k: (f(v, seq_shards, axis=-1) if k in PER_TOKEN_FIELDS else v) for k, v in row.items()}
+
+
+def zigzag_batch(batch: dict[str, np.ndarray], seq_shards: int, inverse: bool = False):
+    """The same on [B, L] batches (axis 1): ``zigzag_batch(zigzag_batch(b, W), W, inverse=True) == b``."""
+    return zigzag_row(batch, seq_shards, inverse)
+
+
+def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    i = jax.process_index() if shard_index is None else shard_index
+    n = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= i < n:
+        raise ValueError(f"{shard_index=} must be in [0, {shard_count=})")
+    return i, n
+
+
+def mark_absl_flags_parsed() -> None:
+    """grain worker processes read absl flags; outside ``app.run`` they must be marked parsed (stack.md)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ---------------------------------------------------------------------------------------- final stage
+
+
+class _FinalizeIterator(DatasetIterator):
+    def __init__(self, parent: DatasetIterator):
+        super().__init__(parent)
+        self._skips = np.zeros([len(SKIP_REASONS)], np.int64)
+        self._rows = 0
+        self._batches = 0
+
+    def __next__(self):
+        # plain copies: worker batches arrive in shared memory blocks that are freed only with their arrays
+        batch = {k: np.array(v) for k, v in next(self._parent).items()}
+        skips = batch.pop("_skips")  # [B, R]
+        self._skips += skips.sum(0)
+        self._rows += skips.shape[0]
+        self._batches += 1
+        return batch
+
+    def counts(self) -> dict[str, int]:
+        """Cumulative ``skipped/<reason>`` counts plus ``rows`` and ``batches`` produced (restored on resume)."""
+        return {**skips_to_dict(self._skips), "rows": self._rows, "batches": self._batches}
+
+    def get_state(self):
+        return {
+            "parent": self._parent.get_state(),
+            "skips": self._skips.tolist(),
+            "rows": self._rows,
+            "batches": self._batches,
+        }
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._skips = np.asarray(state["skips"], np.int64)
+        self._rows, self._batches = state["rows"], state["batches"]
+
+
+class FinalizeIterDataset(IterDataset):
+    def __iter__(self):
+        return _FinalizeIterator(self._parent.__iter__())
+
+    def __str__(self):
+        return "FinalizeIterDataset"
+
+
+# -------------------------------------------------------------------------------------------- pipelines
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """What every stage shares. ``batch_size`` is per process (global batch = batch_size * shard_count)."""
+
+    batch_size: int = 1
+    seq_shards: int = 1  # size of the mesh 'seq' axis (zigzag when > 1)
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None  # None = repeat forever
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    shard_index: int | None = None  # None = jax.process_index()
+    shard_count: int | None = None  # None = jax.process_count()
+    strict: bool = False
+
+
+def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions) -> IterDataset:
+    """source (random access) -> batches; ``record_fn(index, record)`` maps records, ``pack_fn`` packs rows."""
+    if opts.batch_size < 1:
+        raise ValueError(f"batch_size={opts.batch_size} must be >= 1")
+    ds = grain.MapDataset.source(source)
+    if len(ds) == 0:
+        raise ValueError("the data source is empty")
+    if opts.shuffle:
+        ds = ds.shuffle(seed=opts.seed)
+    i, n = process_shard(opts.shard_index, opts.shard_count)
+    ds = ds[i::n]
+    if opts.num_epochs != 1:
+        ds = ds.repeat(opts.num_epochs)
+    ds = ds.map_with_index(record_fn)
+    it = pack_fn(ds.to_iter_dataset())
+    if opts.seq_shards > 1:
+        it = it.map(functools.partial(zigzag_row, seq_shards=opts.seq_shards))
+    it = it.batch(opts.batch_size, drop_remainder=False)
+    if opts.num_workers > 0:
+        mark_absl_flags_parsed()
+        mp = grain.MultiprocessingOptions(
+            num_workers=opts.num_workers, per_worker_buffer_size=opts.worker_buffer_size
+        )
+        it = it.mp_prefetch(mp)
+    return FinalizeIterDataset(it)
+
+
+def text_dataset(cfg) -> IterDataset:
+    """Stage-0 pipeline from a :class:`lct_jax.data.text.TextDataConfig`."""
+    from lct_jax.data import text
+
+    tok = text.make_tokenizer(cfg.tokenizer)
+    seq_len = padded_length(cfg.seq_len, cfg.options.seq_shards)
+    return build_pipeline(
+        text.make_source(cfg),
+        text.TokenizeDocument(tok, cfg.field, cfg.record_format, cfg.options.strict),
+        lambda it: text.PackTextIterDataset(
+            it, seq_len, tok.bos_id, tok.pad_id, cfg.per_document, cfg.drop_remainder
+        ),
+        cfg.options,
+    )
+
+
+def multimodal_dataset(cfg) -> IterDataset:
+    """Stage-1/2 pipeline from a :class:`lct_jax.data.multimodal.MultimodalDataConfig`."""
+    from lct_jax.data import multimodal
+
+    cfg = dataclasses.replace(cfg, max_len=padded_length(cfg.max_len, cfg.options.seq_shards))
+    return build_pipeline(
+        multimodal.make_source(cfg),
+        multimodal.PrepareSample(cfg),
+        lambda it: multimodal.PackSamplesIterDataset(it, cfg),
+        cfg.options,
+    )
+
+
+# ------------------------------------------------------------------------------------ multi-host + resume
+
+
+def batch_shardings(batch: dict[str, Any], mesh) -> dict[str, jax.sharding.NamedSharding]:
+    """Batch over ``'data'``; per-token fields also over ``'seq'`` (their rows are already zigzagged)."""
+    from lct_jax.sharding import logical_to_spec
+
+    out = {}
+    for k, v in batch.items():
+        names = ("act_batch", "act_seq") if k in PER_TOKEN_FIELDS else ("act_batch",) + (None,) * (v.ndim - 1)
+        out[k] = jax.sharding.NamedSharding(mesh, logical_to_spec(names))
+    return out
+
+
+def global_batch(
+    batch: dict[str, np.ndarray], mesh, num_processes: int | None = None
+) -> dict[str, jax.Array]:
+    """Process-local rows -> global ``jax.Array`` s with ``jax.make_array_from_process_local_data``.
+
+    Assumes processes split the batch (``'data'`` spans processes; ``'seq'``/``'model'`` may span devices within
+    or across hosts: every process passes whole rows and each device takes its slice of the token axis).
+    """
+    n = jax.process_count() if num_processes is None else num_processes
+    out = {}
+    for k, sh in batch_shardings(batch, mesh).items():
+        v = batch[k]
+        out[k] = jax.make_array_from_process_local_data(sh, v, (v.shape[0] * n,) + v.shape[1:])
+    return out
+
+
+def checkpoint_args(iterator: DatasetIterator, restore: bool = False):
+    """The Orbax ``args`` item for this iterator, to put in an ``ocp.args.Composite`` next to the model state:
+
+    ``mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=checkpoint_args(it)))``
+    and ``mngr.restore(step, args=ocp.args.Composite(..., data=checkpoint_args(it, restore=True)))``.
+    Each process writes ``process_<i>-of-<n>.json`` holding its own iterator state.
+    """
+    import grain.checkpoint as gc
+
+    return gc.CheckpointRestore(iterator) if restore else gc.CheckpointSave(iterator)
