@@ -114,7 +114,7 @@ def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
 
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     """Raise a clear error when a dimension does not divide by the mesh axes it is sharded over."""
-    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)):
         k = _axis_size(mesh, axes)
         if size % k:
             raise ValueError(

@@ -63,8 +63,14 @@ def import_hf(hf_dir: str, out: str, fmt: str = "qwen2", overwrite: bool = False
     return Path(out)
 
 
-def export_hf(ckpt: str, out: str, fmt: str | None = None, dtype: str = "bfloat16", overwrite: bool = False,
-              max_shard_bytes: int = 5 * 2**30) -> Path:
+def export_hf(
+    ckpt: str,
+    out: str,
+    fmt: str | None = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     kind, cfg = ckpt_lib.read_model_config(ckpt)
@@ -87,8 +93,11 @@ def export_hf(ckpt: str, out: str, fmt: str | None = None, dtype: str = "bfloat1
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lct_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lct_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("import-hf", help="Hugging Face directory -> lct_jax checkpoint")
     pi.add_argument("--hf-dir", required=True)
@@ -107,8 +116,14 @@ def main(argv=None) -> int:
         if args.cmd == "import-hf":
             out = import_hf(args.hf_dir, args.out, args.format, args.overwrite)
         else:
-            out = export_hf(args.ckpt, args.out, args.format, args.dtype, args.overwrite,
-                            int(args.max_shard_size_gb * 2**30))
+            out = export_hf(
+                args.ckpt,
+                args.out,
+                args.format,
+                args.dtype,
+                args.overwrite,
+                int(args.max_shard_size_gb * 2**30),
+            )
     except (ConversionError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,7 +74,9 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes ``out`` only if the block succeeds."""
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; remove it or pass --overwrite")
+        raise FileExistsError(
+            f"output directory {out} exists and is not empty; remove it or pass --overwrite"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -107,11 +109,14 @@ def restore_params_numpy(path: Path) -> dict:
         return ckptr.restore(path, restore_args=restore_args)
 
 
-def save_model_checkpoint(out: str | os.PathLike, kind: str, cfg, params: dict, *, extra_files=(),
-                          overwrite: bool = False) -> Path:
+def save_model_checkpoint(
+    out: str | os.PathLike, kind: str, cfg, params: dict, *, extra_files=(), overwrite: bool = False
+) -> Path:
     """Write ``out/lct_config.json`` + ``out/params`` atomically; ``extra_files`` are copied in (tokenizer...)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps({"kind": kind, "config": config_to_dict(cfg)}, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(
+            json.dumps({"kind": kind, "config": config_to_dict(cfg)}, indent=2) + "\n"
+        )
         save_params(tmp / PARAMS_ITEM, params)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
@@ -124,7 +129,9 @@ def find_model_config(ckpt: str | os.PathLike) -> Path:
     for d in (ckpt, ckpt.parent, ckpt.parent.parent):
         if (d / CONFIG_NAME).exists():
             return d / CONFIG_NAME
-    raise ConversionError(f"{ckpt}: no {CONFIG_NAME} found here or in its parents; is this an lct_jax checkpoint?")
+    raise ConversionError(
+        f"{ckpt}: no {CONFIG_NAME} found here or in its parents; is this an lct_jax checkpoint?"
+    )
 
 
 def read_model_config(ckpt: str | os.PathLike, **overrides):

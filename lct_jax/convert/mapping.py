@@ -84,8 +84,10 @@ def _check_coverage(rules: list[Rule], our_shapes: Mapping[str, tuple[int, ...]]
     missing = set(our_shapes) - set(paths)
     extra = set(paths) - set(our_shapes)
     if missing or extra:
-        raise ConversionError(f"mapping does not cover the model: unmapped params {sorted(missing)}, "
-                              f"rules for params that do not exist {sorted(extra)}")
+        raise ConversionError(
+            f"mapping does not cover the model: unmapped params {sorted(missing)}, "
+            f"rules for params that do not exist {sorted(extra)}"
+        )
 
 
 def to_ours(
@@ -120,8 +122,10 @@ def to_ours(
         for key in _hf_keys(rule, num_layers):
             arr = np.asarray(get_hf(key))
             if tuple(arr.shape) != want_hf:
-                raise ConversionError(f"tensor {key!r} has shape {tuple(arr.shape)}, expected {want_hf} "
-                                      f"(for param {rule.ours} of shape {per})")
+                raise ConversionError(
+                    f"tensor {key!r} has shape {tuple(arr.shape)}, expected {want_hf} "
+                    f"(for param {rule.ours} of shape {per})"
+                )
             slices.append(rule.transform.to_ours(arr, per).astype(dtype))
         out[rule.ours] = np.stack(slices) if rule.stacked else slices[0]
     return out

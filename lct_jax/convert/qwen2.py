@@ -45,9 +45,22 @@ _REQUIRED = {
 }
 # informational: do not change the function computed by the model
 _IGNORED = {
-    "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype", "transformers_version",
-    "use_cache", "initializer_range", "max_position_embeddings", "sliding_window", "max_window_layers",
-    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "attention_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "max_position_embeddings",
+    "sliding_window",
+    "max_window_layers",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "attention_bias",
 }
 # these are also written back on export when present at import
 _PRESERVED_ON_EXPORT = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
@@ -62,25 +75,33 @@ def config_from_hf(hf: dict, **overrides) -> Qwen2Config:
             kw[_TRANSLATED[key]] = value
         elif key in _REQUIRED:
             if value not in _REQUIRED[key]:
-                raise ConversionError(f"config.json: {key}={value!r} is not supported (lct_jax implements "
-                                      f"{_REQUIRED[key][0]!r})")
+                raise ConversionError(
+                    f"config.json: {key}={value!r} is not supported (lct_jax implements "
+                    f"{_REQUIRED[key][0]!r})"
+                )
         elif key == "rope_theta":
             kw["rope_theta"] = float(value)
         elif key == "rope_parameters":
             if value.get("rope_type", "default") != "default" or set(value) - {"rope_type", "rope_theta"}:
-                raise ConversionError(f"config.json: rope_parameters={value} is not supported "
-                                      "(only rope_type 'default' with rope_theta)")
+                raise ConversionError(
+                    f"config.json: rope_parameters={value} is not supported "
+                    "(only rope_type 'default' with rope_theta)"
+                )
             kw["rope_theta"] = float(value["rope_theta"])
         elif key == "layer_types":
             if any(t != "full_attention" for t in value):
-                raise ConversionError(f"config.json: layer_types={value} is not supported (only full_attention)")
+                raise ConversionError(
+                    f"config.json: layer_types={value} is not supported (only full_attention)"
+                )
         elif key == "attention_bias" and value is not True:
             raise ConversionError(f"config.json: attention_bias={value!r}; Qwen2 has q/k/v biases")
         elif key not in _IGNORED:
             unknown.append(key)
     if unknown:
-        raise ConversionError(f"config.json: fields lct_jax does not understand: {sorted(unknown)}; "
-                              "refusing to drop them silently")
+        raise ConversionError(
+            f"config.json: fields lct_jax does not understand: {sorted(unknown)}; "
+            "refusing to drop them silently"
+        )
     for required in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
         if required not in kw:
             raise ConversionError(f"config.json: missing required field for {required}")
@@ -147,7 +168,9 @@ def our_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
     from lct_jax.model.qwen2 import Qwen2
 
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    return {k: tuple(v.shape) for k, v in flatten_params(nnx.state(abstract, nnx.Param).to_pure_dict()).items()}
+    return {
+        k: tuple(v.shape) for k, v in flatten_params(nnx.state(abstract, nnx.Param).to_pure_dict()).items()
+    }
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
@@ -171,8 +194,10 @@ def hf_to_params(hf_dir: str | os.PathLike, cfg: Qwen2Config | None = None):
     if cfg.tie_word_embeddings and "lm_head.weight" in keys:
         # some tied checkpoints still store the head; it must equal the embedding
         if not np.array_equal(st["lm_head.weight"], st["model.embed_tokens.weight"]):
-            raise ConversionError("config says tie_word_embeddings=true but lm_head.weight differs from "
-                                  "model.embed_tokens.weight")
+            raise ConversionError(
+                "config says tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight"
+            )
         keys.discard("lm_head.weight")
     flat = to_ours(table, st.__getitem__, keys, our_shapes(cfg), cfg.num_layers)
     return cfg, unflatten_params(flat)
@@ -191,4 +216,3 @@ def load_hf_qwen2(hf_dir: str | os.PathLike, **config_overrides):
     cfg = config_from_hf(read_hf_config(hf_dir), **config_overrides)
     cfg, params = hf_to_params(hf_dir, cfg)
     return model_from_params("qwen2", cfg, params)
-

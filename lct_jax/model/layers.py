@@ -30,7 +30,9 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
-def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None], dtype
+) -> nnx.Param:
     assert len(shape) == len(axes), (shape, axes)
     # Logical names, not mesh axes: lct_jax.sharding maps them (eval_shape -> shardings -> jit(init)), so
     # Flax's eager sharding, which would read them as mesh axes, stays off.
@@ -60,7 +62,11 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
         self.dtype = dtype
         self.kernel = param(
-            rngs, nnx.initializers.normal(init_std), (*in_shape, *out_shape), (*in_axes, *out_axes), param_dtype
+            rngs,
+            nnx.initializers.normal(init_std),
+            (*in_shape, *out_shape),
+            (*in_axes, *out_axes),
+            param_dtype,
         )
         self.bias = (
             param(rngs, nnx.initializers.zeros_init(), out_shape, out_axes, param_dtype) if use_bias else None
@@ -114,7 +120,9 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     """Create ``num_layers`` copies of a layer with params stacked on a leading ``'layers'`` axis."""
 
     @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(
+        in_axes=(0,), out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"}
+    )
     def make(r):
         return make_layer(r)
 

@@ -45,10 +45,14 @@ class Qwen2Config:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} does not divide by num_heads={self.num_heads}")
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} does not divide by num_heads={self.num_heads}"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
@@ -93,11 +97,19 @@ PRESETS: dict[str, Qwen2Config] = {
 }
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """float32[H/2] = 1 / theta^(2i/H), rounded exactly as transformers computes it in fp32 (fp32 exponent, pow
+    rounded to fp32, fp32 reciprocal). A one-ulp difference here is a 2e-4 rad phase error at position 100K, so
+    the table follows the arithmetic the checkpoints were trained with rather than the exact real value."""
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    powered = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / powered
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, HF rotate-half layout.  x: [B, T, *, H], positions: int[B, T]."""
     h = x.shape[-1]
-    # inv_freq in float64 on the host, rounded once to fp32: matches torch's fp32 table to the ulp.
-    inv_freq = jnp.asarray(1.0 / theta ** (np.arange(0, h, 2, dtype=np.float64) / h), jnp.float32)  # [H/2]
+    inv_freq = jnp.asarray(rope_inv_freq(h, theta))  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -109,7 +121,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, init_std=cfg.init_std)
+        kw = dict(
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+            init_std=cfg.init_std,
+        )
         self.cfg = cfg
         self.q = Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), use_bias=True, **kw)
         self.k = Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, **kw)
@@ -135,7 +152,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, init_std=cfg.init_std)
+        kw = dict(
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+            init_std=cfg.init_std,
+        )
         self.gate = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
         self.up = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
         self.down = Dense((f,), (d,), ("mlp",), ("embed",), use_bias=False, **kw)
@@ -148,7 +170,12 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
-        kw = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        kw = dict(
+            eps=cfg.rms_norm_eps,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
         self.input_norm = RMSNorm(cfg.hidden_size, **kw)
         self.attn = Attention(cfg, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **kw)
@@ -173,15 +200,25 @@ class Qwen2(nnx.Module):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = param(
-            rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt
+            rngs,
+            nnx.initializers.normal(cfg.init_std),
+            (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"),
+            pdt,
         )
         self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs
+        )
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
             else param(
-                rngs, nnx.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt
+                rngs,
+                nnx.initializers.normal(cfg.init_std),
+                (cfg.hidden_size, cfg.vocab_size),
+                ("embed", "vocab"),
+                pdt,
             )
         )
 
@@ -215,7 +252,9 @@ class Qwen2(nnx.Module):
         return constrain(out, ("act_batch", "act_seq", "act_vocab"))
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None) -> jax.Array:
-        hidden = self.encode(input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids)
+        hidden = self.encode(
+            input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids
+        )
         return self.logits(hidden)
 
 

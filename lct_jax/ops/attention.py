@@ -10,7 +10,6 @@ masked return zeros, not NaN.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("dense", "ring")
