@@ -135,6 +135,7 @@ def test_mesh_errors_name_sizes():
         jax.eval_shape(lambda: model(jnp.zeros((1, 12), jnp.int32)))
 
 
+@pytest.mark.tpu
 def test_abstract_tpu_topology_mesh():
     from jax.experimental.topologies import get_topology_desc
 
