@@ -1,0 +1,290 @@
+"""Stage 1/2 data: LLaVA-style JSON -> rows of the multimodal batch schema (see the preamble / loader docstring).
+
+A record is ``{"image": path | [paths], "video": path, "conversations": [{"from": "human"|"gpt", "value": ...}]}``
+with one ``<image>`` placeholder per image or video. Per record (:class:`PrepareSample`):
+
+1. the template (``qwen_1_5`` or ``plain``) gives ids with one ``IMAGE_TOKEN`` per placeholder and the label mask;
+2. each image goes through UniRes (``preprocess_image``: 1..49 tiles) or, with ``image_mode='crop'`` (stage 1),
+   one shortest-edge-resize + center crop; a video (a directory of frame images) through ``sample_frame_indices``
+   and ``preprocess_frames``;
+3. placeholder k is expanded into ``tiles_k * tokens_per_tile`` slots holding ``IMAGE_TOKEN`` (never trained);
+   ``visual_index`` numbers them into the sample's flattened visual tokens ``[tiles * tokens_per_tile]``.
+
+Rows (:class:`PackSamplesIterDataset`) have static shapes: L tokens and M tiles. Each sample is shifted on its
+own (``targets[t] = ids[t+1]``, ``loss_mask[t] = trained[t+1]``); with ``pack=True`` several samples share a row
+as segments 1, 2, ... with positions restarting at 0 and ``visual_index`` offset past the earlier samples' tiles.
+
+Worked example (byte tokenizer, tile 28, 2 tokens per tile, plain template, image of 1 tile, caption "ab")::
+
+    ids        I  I  a  b  \\n          (I = IMAGE_TOKEN slot)
+    inputs     I  I  a  b  .  .        (L = 6, . = pad)
+    targets    I→pad  a  b  \\n  .  .
+    loss_mask  0  1  1  1  0  0        (the last slot predicts the first caption token)
+    positions  0  1  2  3  0  0
+    segment    1  1  1  1  0  0
+    visual_ix  0  1 -1 -1 -1 -1
+
+Bad records are skipped and counted (``missing_image``, ``bad_image``, ``no_assistant_turn``,
+``bad_conversation``, ``placeholder_mismatch``, ``too_long``, ``too_many_tiles``, ``bad_record``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from grain import DatasetIterator, IterDataset
+
+from lct_jax.data.loader import PipelineOptions
+from lct_jax.data.skips import BadRecord, Skipped, add_skip, skip_or_raise, zero_skips
+from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_TOKEN, encode_plain, encode_qwen_1_5
+from lct_jax.data.text import JsonlSource
+from lct_jax.data.tokenizer import load_tokenizer
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalDataConfig:
+    """Stage 1 (``template='plain'``, ``image_mode='crop'``) or stage 2 (``'qwen_1_5'``, ``'unires'``)."""
+
+    annotations: str  # LLaVA .json (a list) or .jsonl
+    max_len: int  # L: tokens per row (inputs after the shift)
+    max_tiles: int  # M: tiles/frames per row
+    image_root: str = ""
+    template: str = "qwen_1_5"
+    image_mode: str = "unires"  # 'unires' | 'crop'
+    tokenizer: str = "byte"
+    tile: int = 336
+    tokens_per_tile: int = 144
+    num_frames: int = 32  # frames sampled per video
+    system: str = DEFAULT_SYSTEM
+    pack: bool = False
+    options: PipelineOptions = PipelineOptions()
+
+    def __post_init__(self):
+        if self.template not in ("qwen_1_5", "plain"):
+            raise ValueError(f"template={self.template!r} must be 'qwen_1_5' or 'plain'")
+        if self.image_mode not in ("unires", "crop"):
+            raise ValueError(f"image_mode={self.image_mode!r} must be 'unires' or 'crop'")
+        if self.max_len < 2 or self.max_tiles < 1:
+            raise ValueError(f"max_len={self.max_len} must be >= 2 and max_tiles={self.max_tiles} >= 1")
+
+
+def make_source(cfg: MultimodalDataConfig):
+    """Records as JSON bytes (parsed per record, so one malformed record is one skip, not a dead run)."""
+    if cfg.annotations.endswith(".jsonl"):
+        return JsonlSource([cfg.annotations])
+    with open(cfg.annotations) as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"annotations={cfg.annotations!r} must hold a JSON list of records")
+    return [json.dumps(r).encode() for r in records]
+
+
+class PrepareSample:
+    """Record -> ``{'ids', 'trained', 'visual_index', 'pixels'}`` or :class:`Skipped` (see module docstring)."""
+
+    def __init__(self, cfg: MultimodalDataConfig):
+        self.cfg = cfg
+        self.tok = load_tokenizer(cfg.tokenizer)
+
+    def _path(self, p) -> str:
+        if not isinstance(p, str) or not p:
+            raise BadRecord("bad_record", f"visual path {p!r} is not a non-empty string")
+        return p if os.path.isabs(p) else os.path.join(self.cfg.image_root, p)
+
+    def _image(self, path: str) -> np.ndarray:
+        from lct_jax.data import unires
+
+        if not os.path.exists(path):
+            raise BadRecord("missing_image", f"{path}: no such file")
+        try:
+            img = unires.load_image(path)
+            if self.cfg.image_mode == "crop":
+                return unires.preprocess_frames([img], tile=self.cfg.tile)
+            return unires.preprocess_image(img, tile=self.cfg.tile)
+        except Exception as e:  # noqa: BLE001 - any failure to decode/convert is this record's problem
+            raise BadRecord("bad_image", f"{path}: {e}") from e
+
+    def _video(self, path: str) -> np.ndarray:
+        from lct_jax.data import unires
+
+        if not os.path.isdir(path):
+            raise BadRecord("missing_image", f"video {path}: not a directory of frame images")
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise BadRecord("missing_image", f"video {path}: no frame images")
+        idx = unires.sample_frame_indices(len(files), num_frames=min(self.cfg.num_frames, len(files)))
+        try:
+            frames = [unires.load_image(os.path.join(path, files[int(i)])) for i in idx]
+            return unires.preprocess_frames(frames, tile=self.cfg.tile)
+        except Exception as e:  # noqa: BLE001
+            raise BadRecord("bad_image", f"video {path}: {e}") from e
+
+    def prepare(self, rec) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        try:
+            rec = json.loads(rec) if isinstance(rec, bytes | str) else rec
+        except json.JSONDecodeError as e:
+            raise BadRecord("bad_record", f"not JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise BadRecord("bad_record", f"record is a {type(rec).__name__}, not an object")
+        conv = rec.get("conversations")
+        if cfg.template == "plain":
+            enc = encode_plain(conv, self.tok)
+        else:
+            enc = encode_qwen_1_5(conv, self.tok, system=cfg.system)
+        images = rec.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        visuals = [("image", p) for p in images] + ([("video", rec["video"])] if rec.get("video") else [])
+        if enc.num_placeholders != len(visuals):
+            raise BadRecord(
+                "placeholder_mismatch",
+                f"{enc.num_placeholders} <image> placeholders but {len(visuals)} images/videos",
+            )
+        if len(enc.ids) - 1 > cfg.max_len:  # text alone too long: no need to decode anything
+            raise BadRecord("too_long", f"{len(enc.ids) - 1} text tokens > max_len={cfg.max_len}")
+        pixels = [
+            self._image(self._path(p)) if k == "image" else self._video(self._path(p)) for k, p in visuals
+        ]
+        n_tiles = sum(len(p) for p in pixels)
+        if n_tiles > cfg.max_tiles:
+            raise BadRecord("too_many_tiles", f"{n_tiles} tiles/frames > max_tiles={cfg.max_tiles}")
+        # expand placeholder k into its tiles * tokens_per_tile slots
+        tpt = cfg.tokens_per_tile
+        ids, trained, vis = [], [], []
+        cuts = np.flatnonzero(enc.ids == IMAGE_TOKEN)
+        start, offset = 0, 0
+        for k, c in enumerate(cuts):
+            ids.append(enc.ids[start:c])
+            trained.append(enc.trained[start:c])
+            vis.append(np.full([c - start], -1, np.int32))
+            n = len(pixels[k]) * tpt
+            ids.append(np.full([n], IMAGE_TOKEN, np.int32))
+            trained.append(np.zeros([n], bool))
+            vis.append(np.arange(offset, offset + n, dtype=np.int32))
+            start, offset = c + 1, offset + n
+        ids.append(enc.ids[start:])
+        trained.append(enc.trained[start:])
+        vis.append(np.full([len(enc.ids) - start], -1, np.int32))
+        ids, trained, vis = np.concatenate(ids), np.concatenate(trained), np.concatenate(vis)
+        if len(ids) - 1 > cfg.max_len:
+            raise BadRecord("too_long", f"{len(ids) - 1} tokens with visual slots > max_len={cfg.max_len}")
+        if not trained[1:].any():
+            raise BadRecord("no_assistant_turn", "nothing to train on after the shift")
+        s = cfg.tile
+        pix = np.concatenate(pixels) if pixels else np.zeros([0, s, s, 3], np.float32)
+        return {"ids": ids, "trained": trained, "visual_index": vis, "pixels": pix}
+
+    def __call__(self, index: int, rec):
+        try:
+            return self.prepare(rec)
+        except BadRecord as e:
+            return skip_or_raise(e, f"record {index}", self.cfg.options.strict)
+
+
+# -------------------------------------------------------------------------------------------------- rows
+
+
+def build_row(samples: list[dict], cfg: MultimodalDataConfig, pad_id: int) -> dict[str, np.ndarray]:
+    """Lay samples into one row of L tokens and M tiles (each sample shifted on its own, one segment each)."""
+    L, M, S, tpt = cfg.max_len, cfg.max_tiles, cfg.tile, cfg.tokens_per_tile
+    row = {
+        "inputs": np.full([L], pad_id, np.int32),
+        "targets": np.full([L], pad_id, np.int32),
+        "loss_mask": np.zeros([L], np.float32),
+        "positions": np.zeros([L], np.int32),
+        "segment_ids": np.zeros([L], np.int32),
+        "visual_index": np.full([L], -1, np.int32),
+        "pixels": np.zeros([M, S, S, 3], np.float32),
+        "pixel_mask": np.zeros([M], bool),
+    }
+    t0, m0 = 0, 0
+    for seg, s in enumerate(samples, start=1):
+        n = len(s["ids"]) - 1
+        tgt = s["ids"][1:]
+        row["inputs"][t0 : t0 + n] = s["ids"][:-1]
+        row["targets"][t0 : t0 + n] = np.where(tgt == IMAGE_TOKEN, pad_id, tgt)
+        row["loss_mask"][t0 : t0 + n] = s["trained"][1:]
+        row["positions"][t0 : t0 + n] = np.arange(n)
+        row["segment_ids"][t0 : t0 + n] = seg
+        vis = s["visual_index"][:-1]
+        row["visual_index"][t0 : t0 + n] = np.where(vis >= 0, vis + m0 * tpt, -1)
+        k = len(s["pixels"])
+        row["pixels"][m0 : m0 + k] = s["pixels"]
+        row["pixel_mask"][m0 : m0 + k] = True
+        t0, m0 = t0 + n, m0 + k
+    return row
+
+
+class _PackSamplesIterator(DatasetIterator):
+    def __init__(self, parent: DatasetIterator, cfg: MultimodalDataConfig, pad_id: int):
+        super().__init__(parent)
+        self.cfg, self.pad_id = cfg, pad_id
+        self._held = None  # a sample fetched but not yet placed (did not fit the previous row)
+        self._held_state = None  # parent state right before self._held was fetched
+        self._pending = zero_skips()
+
+    def _fetch(self) -> bool:
+        while True:
+            state = self._parent.get_state()
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                return False
+            if isinstance(x, Skipped):
+                add_skip(self._pending, x.reason)
+                continue
+            self._held, self._held_state = x, state
+            return True
+
+    def __next__(self):
+        samples, tokens, tiles = [], 0, 0
+        while True:
+            if self._held is None and not self._fetch():
+                break
+            n, k = len(self._held["ids"]) - 1, len(self._held["pixels"])
+            if samples and (tokens + n > self.cfg.max_len or tiles + k > self.cfg.max_tiles):
+                break
+            samples.append(self._held)
+            self._held, tokens, tiles = None, tokens + n, tiles + k
+            if not self.cfg.pack:
+                break
+        if not samples:
+            raise StopIteration
+        row = build_row(samples, self.cfg, self.pad_id)
+        row["_skips"], self._pending = self._pending, zero_skips()
+        return row
+
+    def get_state(self):
+        held = self._held is not None
+        return {
+            "parent": self._held_state if held else self._parent.get_state(),
+            "has_held": held,
+            "pending": self._pending.tolist(),
+        }
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._held = self._held_state = None
+        if state["has_held"] and not self._fetch():
+            raise ValueError("packer state points past the end of its data source; was the source changed?")
+        self._pending = np.asarray(state["pending"], np.int32)
+
+
+class PackSamplesIterDataset(IterDataset):
+    """Prepared samples (or :class:`Skipped`) -> fixed-shape rows; one sample per row unless ``cfg.pack``."""
+
+    def __init__(self, parent: IterDataset, cfg: MultimodalDataConfig):
+        super().__init__(parent)
+        self.cfg = cfg
+        self.pad_id = load_tokenizer(cfg.tokenizer).pad_id
+
+    def __iter__(self):
+        return _PackSamplesIterator(self._parent.__iter__(), self.cfg, self.pad_id)
+
+    def __str__(self):
+        return f"PackSamplesIterDataset(L={self.cfg.max_len}, M={self.cfg.max_tiles}, pack={self.cfg.pack})"
