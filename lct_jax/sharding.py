@@ -38,6 +38,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "patch": None,  # conv patch dims, CLIP class token, position table rows
     # activations
     "act_batch": "data",
+    "act_tiles": ("data", "seq"),  # vision batch (image tiles / video frames): spread over every data-like axis
     "act_seq": "seq",
     "act_embed": None,
     "act_heads": "model",

@@ -1,7 +1,8 @@
 """CLIP ViT vision tower (Flax NNX), numerically equal to transformers' ``CLIPVisionModel`` features.
 
 Axis alphabet: B images (tiles / frames), P patches (+1 for the class token), E vision width, N heads, H head dim,
-F MLP dim.
+F MLP dim. The image batch uses the logical axis ``act_tiles`` (data x seq): under sequence parallelism every
+device encodes a different share of the tiles instead of all seq devices repeating the same ones.
 
 LongVA uses CLIP ViT-L/14 at 336 px (spec §2):
 
@@ -111,9 +112,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.q.kernel.shape[-1]
-        q = constrain(self.q(x), ("act_batch", None, "act_heads", None))  # [B, P, N, H]
-        k = constrain(self.k(x), ("act_batch", None, "act_heads", None))  # [B, P, N, H]
-        v = constrain(self.v(x), ("act_batch", None, "act_heads", None))  # [B, P, N, H]
+        q = constrain(self.q(x), ("act_tiles", None, "act_heads", None))  # [B, P, N, H]
+        k = constrain(self.k(x), ("act_tiles", None, "act_heads", None))  # [B, P, N, H]
+        v = constrain(self.v(x), ("act_tiles", None, "act_heads", None))  # [B, P, N, H]
         s = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * h**-0.5  # [B, N, P, P]
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         o = jnp.einsum("bnqk,bknh->bqnh", p, v)  # [B, P, N, H]
@@ -133,7 +134,7 @@ class MLP(nnx.Module):
         self.fc2 = Dense((f,), (e,), ("mlp",), ("embed",), use_bias=True, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = constrain(quick_gelu(self.fc1(x)), ("act_batch", None, "act_mlp"))  # [B, P, F]
+        h = constrain(quick_gelu(self.fc1(x)), ("act_tiles", None, "act_mlp"))  # [B, P, F]
         return self.fc2(h)
 
 
@@ -155,7 +156,7 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
         x = x + self.mlp(self.ln2(x))
-        return constrain(x, ("act_batch", None, "act_embed"))
+        return constrain(x, ("act_tiles", None, "act_embed"))
 
 
 class CLIPVisionTower(nnx.Module):
@@ -196,7 +197,7 @@ class CLIPVisionTower(nnx.Module):
         x = self.patch_embed(x.reshape(b, g * g, p, p, 3))  # [B, P-1, E]
         cls = jnp.broadcast_to(self.class_embed[...].astype(x.dtype), (b, 1, x.shape[-1]))  # [B, 1, E]
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)  # [B, P, E]
-        x = constrain(x, ("act_batch", None, "act_embed"))
+        x = constrain(x, ("act_tiles", None, "act_embed"))
         return self.pre_norm(x)
 
     def hidden_states(self, pixels: jax.Array, num_layers: int) -> jax.Array:

@@ -30,7 +30,7 @@ class Projector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.gelu(self.fc1(x), approximate=False)  # [B, P, D]
-        h = constrain(h, ("act_batch", None, "act_mlp"))
+        h = constrain(h, ("act_tiles", None, "act_mlp"))
         return self.fc2(h)  # [B, P, D]
 
 
