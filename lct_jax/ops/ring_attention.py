@@ -1,0 +1,281 @@
+"""Ring attention: exact causal attention over a sequence sharded on the mesh's ``seq`` axis.
+
+Axis alphabet: B batch, T tokens (global in the public API, local inside the shard_map), S key tokens, N query
+heads, K kv heads, G = N // K, H head dim. W = size of the ``seq`` axis.
+
+Each ``seq`` shard keeps its queries and passes its K/V block (with the keys' positions and segment ids) around
+the ring with ``ppermute``; a ``lax.scan`` over hops folds every visiting block into an fp32 online softmax. Masks
+come only from positions and segment ids, so any token order works (the zigzag layout of
+:mod:`lct_jax.ops.zigzag` balances the causal work). Only the K kv heads travel; query heads are grouped onto them.
+
+Worked example of the schedule, W = 4 shards, 16 tokens, zigzag layout (chunks of 2 tokens, c0..c7):
+
+    shard:                 0          1          2          3
+    holds q (and kv)     c0 c7      c1 c6      c2 c5      c3 c4
+    hop 0: kv from       self       self       self       self        (diagonal: c0|c0, c7|c0 c7 ...)
+    hop 1: kv from       shard 3    shard 0    shard 1    shard 2     ppermute i -> i+1
+    hop 2: kv from       shard 2    shard 3    shard 0    shard 1
+    hop 3: kv from       shard 1    shard 2    shard 3    shard 0     (W-1 = 3 rotations in the forward)
+
+At hop 1 shard 0 (q: c0 c7) sees kv c3 c4: q-block c0 x kv-blocks c3, c4 is fully masked (positions 6..9 > 0..1)
+and skipped by ``lax.cond``; c7 x c3, c7 x c4 run. Every shard runs 2 of 4 block pairs on every off-diagonal hop,
+so the work is even; with the contiguous layout shard 0 would skip all of hops 1..3 while shard 3 runs them all.
+Blocks are ``block_q`` x ``block_k`` tokens; they must divide a zigzag chunk for this skipping to balance.
+
+Backward (custom VJP): the same hops recompute block probabilities from the saved log-sum-exp (nothing quadratic
+in T is stored). dQ stays home; dK/dV accumulators travel with their K/V block and take one extra rotation after
+the last hop (W in all), which brings every block's gradient back to its owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from lct_jax.kernels import DEFAULT_BLOCKS, KERNELS, get_kernel
+from lct_jax.kernels.blocks import BlockSizes, block_visibility, finalize, init_carry
+
+SEQ_AXIS, MODEL_AXIS, DATA_AXIS = "seq", "model", "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingConfig:
+    axis_name: str | None  # None: one shard, no collectives
+    axis_size: int
+    kernel: str
+    block_q: int
+    block_k: int
+    scale: float
+    interpret: bool
+
+
+def _rotate(xs, cfg: _RingConfig):
+    """Send every array one shard forward on the ring (shard i → i + 1)."""
+    perm = [(i, (i + 1) % cfg.axis_size) for i in range(cfg.axis_size)]
+    return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), xs)
+
+
+def _hop_kwargs(cfg: _RingConfig):
+    return dict(scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret)
+
+
+def _fwd_block(q, q_pos, q_seg, kv, carry, cfg: _RingConfig):
+    """Fold one visiting K/V block into the carry; skipped entirely if no q-block x kv-block pair is visible."""
+    k, v, kv_pos, kv_seg = kv
+    visible = block_visibility(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)  # [B, nq, nk]
+    hop = get_kernel(cfg.kernel).fwd_hop
+
+    def run(carry):
+        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, *carry, **_hop_kwargs(cfg))
+
+    return lax.cond(visible.any(), run, lambda c: c, carry)
+
+
+def _bwd_block(q, q_pos, q_seg, do, lse, delta, kv, grads, cfg: _RingConfig):
+    k, v, kv_pos, kv_seg = kv
+    visible = block_visibility(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)
+    hop = get_kernel(cfg.kernel).bwd_hop
+
+    def run(grads):
+        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, do, lse, delta, *grads, **_hop_kwargs(cfg))
+
+    return lax.cond(visible.any(), run, lambda g: g, grads)
+
+
+def _ring_fwd_impl(q, k, v, pos, seg, cfg: _RingConfig):
+    """Local kernel-layout arrays → (out [B, K, G, T, H] in q.dtype, lse f32[B, K, G, T])."""
+    carry = init_carry(q)
+    kv = (k, v, pos, seg)
+    if cfg.axis_size > 1:
+
+        def hop(state, _):
+            carry, kv = state
+            with jax.named_scope("ring_rotate_kv"):
+                nxt = _rotate(kv, cfg)  # issued before the compute so the transfer can overlap it
+            with jax.named_scope("ring_block_fwd"):
+                carry = _fwd_block(q, pos, seg, kv, carry, cfg)
+            return (carry, nxt), None
+
+        (carry, kv), _ = lax.scan(hop, (carry, kv), length=cfg.axis_size - 1)
+    with jax.named_scope("ring_block_fwd"):
+        carry = _fwd_block(q, pos, seg, kv, carry, cfg)
+    with jax.named_scope("ring_finalize"):
+        return finalize(*carry, q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, pos, seg, cfg: _RingConfig):
+    return _ring_fwd_impl(q, k, v, pos, seg, cfg)[0]
+
+
+def _ring_fwd(q, k, v, pos, seg, cfg):
+    out, lse = _ring_fwd_impl(q, k, v, pos, seg, cfg)
+    return out, (q, k, v, pos, seg, out, lse)
+
+
+def _ring_bwd(cfg, res, g):
+    q, k, v, pos, seg, out, lse = res
+    with jax.named_scope("ring_bwd_delta"):
+        delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
+    do = g.astype(q.dtype)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    kv = (k, v, pos, seg)
+
+    def block(kv, dq, dkv):
+        dq, dk, dv = _bwd_block(q, pos, seg, do, lse, delta, kv, (dq, *dkv), cfg)
+        return dq, (dk, dv)
+
+    if cfg.axis_size > 1:
+
+        def hop(state, _):
+            dq, kv, dkv = state
+            with jax.named_scope("ring_rotate_kv"):
+                nxt = _rotate(kv, cfg)
+            with jax.named_scope("ring_block_bwd"):
+                dq, dkv = block(kv, dq, dkv)
+            with jax.named_scope("ring_rotate_dkv"):
+                dkv = _rotate(dkv, cfg)  # gradients travel with the block they belong to
+            return (dq, nxt, dkv), None
+
+        (dq, kv, dkv), _ = lax.scan(hop, (dq, kv, dkv), length=cfg.axis_size - 1)
+    with jax.named_scope("ring_block_bwd"):
+        dq, dkv = block(kv, dq, dkv)
+    if cfg.axis_size > 1:
+        with jax.named_scope("ring_rotate_dkv"):
+            dkv = _rotate(dkv, cfg)  # W-th rotation: home
+    dk, dv = dkv
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _local_ring(q, k, v, pos, seg, cfg: _RingConfig):
+    """Per-shard body: [B, T, N, H] ↔ kernel layout, around the custom-VJP ring."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qk = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kk, vk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    out = _ring(qk, kk, vk, pos.astype(jnp.int32), seg.astype(jnp.int32), cfg)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _default_interpret(mesh) -> bool:
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None) if not mesh.empty else None
+    return (platform or jax.default_backend()) == "cpu"
+
+
+def ring_attention(
+    q,
+    k,
+    v,
+    positions,
+    segment_ids=None,
+    *,
+    kernel: str = "xla",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+):
+    """Causal ring attention on global arrays; call inside jit under ``jax.set_mesh(mesh)``.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, T, K, H] with K dividing N (bf16 or fp32). Sharded batch over ``data``, tokens
+        over ``seq``, heads over ``model`` (kv heads are repeated only up to the ``model`` size when K < model).
+      positions: int[B, T]; key s is visible to query t iff ``positions[s] <= positions[t]``.
+      segment_ids: optional int[B, T]; additionally requires equal ids.
+      kernel: block kernel, one of :data:`lct_jax.kernels.KERNELS`.
+      block_q, block_k: block sizes (default per kernel: :data:`lct_jax.kernels.DEFAULT_BLOCKS`); clipped to the
+        local length, which they must divide.
+      interpret: run Pallas kernels in interpret mode; default: when the mesh's devices (or backend) are CPU.
+    Returns:
+      [B, T, N, H] in q.dtype; rows with no visible key are 0. Gradients in the input dtypes.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown ring attention {kernel=}; expected one of {KERNELS}")
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"expected q [B, T, N, H] and k, v [B, T, K, H]; got {q.shape=} {k.shape=} {v.shape=}"
+        )
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if k.shape[:2] != (b, t) or k.shape[3] != h:
+        raise ValueError(f"k/v {k.shape=} must match q {q.shape=} in batch, length and head dim")
+    if n % kh:
+        raise ValueError(f"query heads {n=} must be a multiple of kv heads K={kh}")
+    if positions.shape != (b, t):
+        raise ValueError(f"positions.shape={positions.shape} must be [B, T] = {(b, t)}")
+    if segment_ids is None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)
+    elif segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids.shape={segment_ids.shape} must be [B, T] = {(b, t)}")
+
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(mesh.shape)
+    w, tp, dp = sizes.get(SEQ_AXIS, 1), sizes.get(MODEL_AXIS, 1), sizes.get(DATA_AXIS, 1)
+    if t % w:
+        raise ValueError(
+            f"sequence length T={t} must be a multiple of the mesh's seq={w} (and of 2*seq={2 * w} for the zigzag "
+            f"layout); pad to {-(-t // (2 * w)) * 2 * w}"
+        )
+    if b % dp:
+        raise ValueError(f"batch B={b} must be a multiple of the mesh's data={dp}")
+    if n % tp:
+        raise ValueError(f"query heads {n=} must be a multiple of the mesh's model={tp}")
+    if kh % tp:
+        if tp % kh:
+            raise ValueError(f"kv heads K={kh} and the mesh's model={tp}: one must divide the other")
+        # fewer kv heads than tensor-parallel shards: give each shard its one kv head (not a repeat to N)
+        k, v = jnp.repeat(k, tp // kh, axis=2), jnp.repeat(v, tp // kh, axis=2)
+    block_q = DEFAULT_BLOCKS[kernel][0] if block_q is None else block_q
+    block_k = DEFAULT_BLOCKS[kernel][1] if block_k is None else block_k
+    blocks = BlockSizes(block_q, block_k).fit(t // w, t // w)
+    cfg = _RingConfig(
+        axis_name=SEQ_AXIS if w > 1 else None,
+        axis_size=w,
+        kernel=kernel,
+        block_q=blocks.block_q,
+        block_k=blocks.block_k,
+        scale=float(h) ** -0.5,
+        interpret=_default_interpret(mesh) if interpret is None else interpret,
+    )
+    body = functools.partial(_local_ring, cfg=cfg)
+    if mesh.empty:
+        return body(q, k, v, positions, segment_ids)
+    batch_axis = DATA_AXIS if DATA_AXIS in sizes else None
+    seq_axis = SEQ_AXIS if SEQ_AXIS in sizes else None
+    head_axis = MODEL_AXIS if MODEL_AXIS in sizes else None
+    qkv_spec = P(batch_axis, seq_axis, head_axis, None)
+    tok_spec = P(batch_axis, seq_axis)
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, tok_spec, tok_spec),
+        out_specs=qkv_spec,
+        check_vma=False,  # Pallas calls inside need it on jax 0.10
+    )(q, k, v, positions, segment_ids)
+
+
+def blocks_per_shard(positions, segment_ids, num_shards: int, block_q: int, block_k: int) -> np.ndarray:
+    """int[W]: q-block x kv-block pairs each ``seq`` shard computes over all hops (batch row 0), as the kernels skip.
+
+    ``positions`` / ``segment_ids``: int[B, T] in the layout fed to the model (contiguous or zigzag).
+    """
+    pos = np.asarray(positions)[:1].reshape(1, num_shards, -1)
+    seg = (
+        np.zeros_like(pos) if segment_ids is None else np.asarray(segment_ids)[:1].reshape(1, num_shards, -1)
+    )
+    blocks = BlockSizes(block_q, block_k).fit(pos.shape[-1], pos.shape[-1])
+    counts = np.zeros(num_shards, np.int64)
+    for r in range(num_shards):
+        for j in range(num_shards):
+            vis = block_visibility(pos[:, r], pos[:, j], seg[:, r], seg[:, j], blocks.block_q, blocks.block_k)
+            counts[r] += int(np.asarray(vis).sum())
+    return counts

@@ -1,0 +1,1 @@
+"""Test-only helpers (oracles, shims). Runtime code never imports this package."""
