@@ -99,8 +99,9 @@ class Checkpointer:
             rng=got.train["rng"],
             nonfinite=got.train["nonfinite"],
         )
-        if data_iter is not None and not _is_grain(data_iter):
-            data_iter.set_state(got.data)
+        inner = getattr(data_iter, "inner", data_iter)
+        if inner is not None and not _is_grain(inner):
+            inner.set_state(got.data)
         return state
 
     def wait(self) -> None:
@@ -120,6 +121,7 @@ def _is_grain(it) -> bool:
 def _data_args(data_iter, restore: bool):
     """grain iterators go through grain's own Orbax handler (one JSON file per process); any other iterator with
     ``get_state() -> dict`` / ``set_state(dict)`` is stored as JSON; no iterator stores ``{}``."""
+    data_iter = getattr(data_iter, "inner", data_iter)
     if data_iter is not None and _is_grain(data_iter):
         import grain.checkpoint as gc  # noqa: PLC0415
 

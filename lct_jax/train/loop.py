@@ -109,8 +109,12 @@ def train_loop(
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.3g}")
             if writer is not None:
                 writer.scalars(step, {k: v for k, v in m.items() if k != "finite"})
-            if log_every and (step % log_every == 0 or step == num_steps):
-                shown = {k: v for k, v in m.items() if k not in ("finite", "nonfinite_total")}
+            if log_every and (step % log_every == 0 or step == num_steps or step == start + 1):
+                shown = {
+                    k: v
+                    for k, v in m.items()
+                    if k not in ("finite", "nonfinite_total") and not (k.startswith("skipped/") and v == 0)
+                }
                 bar.write(format_metrics(step, shown)) if progress else print_fn(format_metrics(step, shown))
             if m["finite"]:
                 bad_in_row = 0

@@ -93,6 +93,61 @@ def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
     return out
 
 
+def _fields(buf: bytes):
+    """(field number, wire type, value) of a protobuf message (varint, fixed64, bytes, fixed32 only)."""
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            val, i = _read_varint(buf, i)
+        elif wire == 1:
+            val, i = buf[i : i + 8], i + 8
+        elif wire == 2:
+            n, i = _read_varint(buf, i)
+            val, i = buf[i : i + n], i + n
+        elif wire == 5:
+            val, i = buf[i : i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, wire, val
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = out = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return out, i
+
+
+def read_scalars(path: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from an event file written by :class:`EventWriter` (or TensorBoard's simple values)."""
+    out: dict[str, dict[int, float]] = {}
+    for rec in read_tfrecords(path):
+        step, values = 0, []
+        for field, _, val in _fields(rec):
+            if field == 2:
+                step = val
+            elif field == 5:
+                for f2, _, v in _fields(val):
+                    if f2 == 1:
+                        tag, x = None, None
+                        for f3, _, w in _fields(v):
+                            if f3 == 1:
+                                tag = w.decode()
+                            elif f3 == 2:
+                                x = struct.unpack("<f", w)[0]
+                        if tag is not None and x is not None:
+                            values.append((tag, x))
+        for tag, x in values:
+            out.setdefault(tag, {})[step] = x
+    return out
+
+
 class EventWriter:
     """Appends scalar summaries to ``logdir/events.out.tfevents.<time>.<host>``; flushes every write."""
 

@@ -1,0 +1,63 @@
+r"""Entry point: ``python -m lct_jax.train --config=configs/<stage>.py:size=7b|1.5b|0.5b|tiny --workdir=DIR``.
+
+Single fields: ``--config.num_steps=200 --config.init_from=ckpt/qwen2_7b``. Re-running the same command resumes
+from the latest checkpoint in ``DIR/checkpoints``. On a multi-host TPU pod every host runs the same command
+(``launch/run.sh`` does that) and ``jax.distributed.initialize()`` connects them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file: configs/<stage>.py:size=...")
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and config.json go here")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "yes", "no"],
+    "call jax.distributed.initialize(): auto = when running on a multi-host Cloud TPU VM",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _on_pod() -> bool:
+    # Cloud TPU VMs list every host of the slice here; more than one host = a pod slice
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or bool(
+        os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+    )
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    import jax  # noqa: PLC0415
+
+    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _on_pod()):
+        jax.distributed.initialize()
+    from lct_jax.train.loop import NonFiniteError  # noqa: PLC0415
+    from lct_jax.train.run import run  # noqa: PLC0415
+
+    config = _CONFIG.value
+    print(
+        f"lct_jax.train: stage={config.stage} size={config.size} workdir={_WORKDIR.value} "
+        f"devices={jax.device_count()} processes={jax.process_count()}"
+    )
+    try:
+        result = run(config, _WORKDIR.value)
+    except NonFiniteError as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+    last = result.history[-1] if result.history else {}
+    print(
+        f"{result.status} at step {int(result.state.step)}; last loss {last.get('loss', float('nan')):.4f}; "
+        f"checkpoints in {_WORKDIR.value}/checkpoints, TensorBoard events in {_WORKDIR.value}/tb"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,77 @@
+"""What the three stage configs share: the ``size=...`` argument, the config skeleton, and its validation.
+
+A stage config (``configs/<stage>.py``) is ``get_config("size=7b")`` → a *locked* ``ml_collections.ConfigDict``:
+``--config.x=y`` overrides work for existing fields and a typo (a field that does not exist) is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = {"7b": "qwen2_7b", "1.5b": "qwen2_1_5b", "0.5b": "qwen2_0_5b", "tiny": "tiny"}
+STAGES = ("text_extension", "align_pretrain", "align_finetune")
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"size=7b,foo=bar"`` → ``{"size": "7b", "foo": "bar"}``; ``size`` defaults to 7b."""
+    out = {"size": "7b"}
+    for part in filter(None, (arg or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"config argument {part!r} must look like key=value, e.g. 'size=tiny'")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    unknown = set(out) - {"size"}
+    if unknown:
+        raise ValueError(
+            f"unknown config argument(s) {sorted(unknown)}; the only one is size={'|'.join(SIZES)}"
+        )
+    if out["size"] not in SIZES:
+        raise ValueError(f"size={out['size']!r}; expected one of {list(SIZES)}")
+    return out
+
+
+def group(lr: float, schedule: str = "constant", warmup: float = 0.0, trainable: bool = True):
+    return ml_collections.ConfigDict(dict(lr=lr, schedule=schedule, warmup=warmup, trainable=trainable))
+
+
+def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
+    """Fields every stage has; the stage file fills in its values and locks the result."""
+    if stage not in STAGES:
+        raise ValueError(f"{stage=}; expected one of {STAGES}")
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.size = size
+    c.seed = 0
+    # where the weights come from: '' = random init; else a model checkpoint dir (python -m lct_jax.convert
+    # import-hf ...), a training step dir, or a previous stage's workdir (its latest checkpoint)
+    c.init_from = ""
+    c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=1))  # one size may be -1 (= the rest)
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset=SIZES[size],  # lct_jax.model.qwen2.PRESETS key of the language model
+            rope_theta=1e6,
+            dtype="bfloat16",  # compute; params and optimizer state are always fp32
+            remat="full",
+            attention="auto",  # 'auto' = ring attention when the mesh's seq axis > 1
+            ring_kernel="xla",
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            total_steps=0,  # set below: follows num_steps unless overridden
+            groups=ml_collections.ConfigDict(dict(lm=group(1e-5))),
+        )
+    )
+    c.step = ml_collections.ConfigDict(dict(micro_batches=1, loss_chunk=2048))
+    c.num_steps = 1000
+    c.optim.total_steps = c.get_ref("num_steps")  # schedules span the run unless overridden
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.log_every = 10
+    c.max_nonfinite_in_row = 5
+    c.progress = True
+    return c

@@ -1,0 +1,222 @@
+"""``run(config, workdir)``: build mesh, model, data, state and loop from a stage config (``configs/*.py``).
+
+``python -m lct_jax.train`` is a thin flag parser around this; tests and the demo call it directly.
+
+Workdir layout::
+
+    WORKDIR/config.json          the resolved config of the latest launch
+    WORKDIR/checkpoints/<step>/  Orbax checkpoints (each also a model checkpoint for convert / init_from)
+    WORKDIR/tb/                  TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from lct_jax.sharding import make_mesh
+from lct_jax.train.checkpoint import Checkpointer, load_params_for_init
+from lct_jax.train.loop import LoopResult, train_loop
+from lct_jax.train.metrics import EventWriter
+from lct_jax.train.state import init_state, make_state_spec
+from lct_jax.train.step import StepConfig, jit_train_step, put_batch
+
+log = logging.getLogger("lct_jax.train")
+
+
+def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
+    """``"configs/text_extension.py:size=tiny"`` → the config (what ``--config=`` does, for Python callers)."""
+    import importlib.util  # noqa: PLC0415
+
+    path, _, arg = path_and_arg.partition(":")
+    spec = importlib.util.spec_from_file_location(f"lct_config_{Path(path).stem}", path)
+    if spec is None:
+        raise FileNotFoundError(f"config file {path!r} not found")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_model(config):
+    """(kind, model config, make_model(rngs)) for the stage."""
+    from lct_jax.model.qwen2 import PRESETS, Qwen2  # noqa: PLC0415
+
+    m = config.model
+    if m.preset not in PRESETS:
+        raise ValueError(f"config.model.preset={m.preset!r}; expected one of {sorted(PRESETS)}")
+    lm_cfg = PRESETS[m.preset].replace(
+        rope_theta=float(m.rope_theta),
+        dtype=m.dtype,
+        remat=m.remat,
+        attention=m.attention,
+        ring_kernel=m.ring_kernel,
+    )
+    if config.stage == "text_extension":
+        return "qwen2", lm_cfg, lambda rngs: Qwen2(lm_cfg, rngs=rngs)
+    from lct_jax.model.longva import LongVA, longva_config  # noqa: PLC0415
+
+    cfg = longva_config(lm_cfg, vision_preset=config.vision.preset, tile=config.vision.tile)
+    return "longva", cfg, lambda rngs: LongVA(cfg, rngs=rngs)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def _paths(spec: str) -> tuple[str, ...]:
+    out = []
+    for p in filter(None, (s.strip() for s in spec.split(","))):
+        hits = sorted(glob.glob(p))
+        if not hits:
+            raise FileNotFoundError(f"config.data.paths: {p!r} matches no file")
+        out += hits
+    return tuple(out)
+
+
+def pipeline_options(config, mesh):
+    from lct_jax.data.loader import PipelineOptions  # noqa: PLC0415
+
+    n = jax.process_count()
+    if config.data.batch_size % n:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} must divide by the {n} processes")
+    return PipelineOptions(
+        batch_size=config.data.batch_size // n,
+        seq_shards=mesh.shape["seq"],
+        shuffle=config.data.shuffle,
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+        strict=config.data.strict,
+    )
+
+
+def build_data(config, mesh):
+    """The stage's grain iterator (batches of this process's rows)."""
+    from lct_jax.data import loader  # noqa: PLC0415
+
+    d = config.data
+    if config.stage == "text_extension":
+        from lct_jax.data.text import TextDataConfig  # noqa: PLC0415
+
+        cfg = TextDataConfig(
+            seq_len=d.seq_len,
+            source=d.source,
+            paths=_paths(d.paths) if d.source != "tfds" else (),
+            tfds_name=d.tfds_name,
+            tfds_split=d.tfds_split,
+            data_dir=d.data_dir or None,
+            field=d.field,
+            record_format=d.record_format,
+            tokenizer=d.tokenizer,
+            per_document=d.per_document,
+            options=pipeline_options(config, mesh),
+        )
+        if d.source != "tfds" and not cfg.paths:
+            raise ValueError(
+                "config.data.paths is empty: give the training files (--config.data.paths=a.jsonl,...)"
+            )
+        return iter(loader.text_dataset(cfg))
+    from lct_jax.data.multimodal import MultimodalDataConfig  # noqa: PLC0415
+
+    cfg = MultimodalDataConfig(
+        **{
+            k: v for k, v in d.items() if k not in ("batch_size", "shuffle", "num_workers", "strict", "paths")
+        },
+        paths=_paths(d.paths),
+        options=pipeline_options(config, mesh),
+    )
+    return iter(loader.multimodal_dataset(cfg))
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> LoopResult:
+    """Train ``config`` in ``workdir``; resumes from ``workdir/checkpoints`` when it has a checkpoint."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or make_mesh(config.mesh.data, config.mesh.seq, config.mesh.model)
+    kind, model_cfg, make_model = build_model(config)
+    optim = config.optim
+    spec = make_state_spec(make_model, optim, mesh)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    data_iter = data_iter if data_iter is not None else build_data(config, mesh)
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    ckpt.write_model_config(kind, model_cfg)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(spec, optim, data_iter)
+        print(f"resumed from {ckpt.directory}/{latest} (step {int(state.step)})")
+    elif config.init_from:
+        params = load_params_for_init(config.init_from, spec)
+        params = adapt_init_params(params, spec, kind)
+        state = init_state(spec, make_model, optim, seed=config.seed, params=params)
+        print(f"initialized from {config.init_from}")
+    else:
+        state = init_state(spec, make_model, optim, seed=config.seed)
+        print(f"initialized from random weights (seed {config.seed})")
+    first = next(data_iter)
+    step_cfg = StepConfig(micro_batches=config.step.micro_batches, loss_chunk=config.step.loss_chunk)
+    step_fn = jit_train_step(spec, optim, step_cfg, first)
+    writer = EventWriter(workdir / "tb") if jax.process_index() == 0 else None
+    try:
+        with jax.set_mesh(mesh):
+            result = train_loop(
+                state,
+                step_fn,
+                _prepend(first, data_iter),
+                put_batch=lambda b: put_batch(b, mesh),
+                num_steps=config.num_steps,
+                checkpointer=ckpt,
+                writer=writer,
+                log_every=config.log_every,
+                max_nonfinite_in_row=config.max_nonfinite_in_row,
+                progress=config.progress,
+            )
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    return result
+
+
+class _prepend:
+    """Yield ``first`` then the rest of ``it``; ``get_state``/``counts`` are the underlying iterator's (``first``
+    was already taken from it, so its state is right once ``first`` has been yielded)."""
+
+    def __init__(self, first, it):
+        self._first, self._it = first, it
+        self.inner = it  # what the checkpointer saves (a grain iterator keeps its per-process Orbax handler)
+
+    def __next__(self):
+        if self._first is not None:
+            b, self._first = self._first, None
+            return b
+        return next(self._it)
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._it, name)
+
+
+def adapt_init_params(params: dict, spec, kind: str) -> dict:
+    """Stage chaining: a LongVA run may start from a Qwen2 (text stage) checkpoint: its params become the LM."""
+    if kind == "longva" and "embed" in params:  # a bare Qwen2 tree
+        from lct_jax.model.longva import params_from_parts  # noqa: PLC0415
+
+        return params_from_parts(spec, lm=params)
+    return params
