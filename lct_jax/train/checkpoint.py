@@ -131,7 +131,7 @@ def _data_args(data_iter, restore: bool):
     return ocp.args.JsonSave({} if data_iter is None else data_iter.get_state())
 
 
-def load_params_for_init(path: str | Path, spec: StateSpec) -> dict:
+def load_params_for_init(path: str | Path) -> dict:
     """Params (nested dict of numpy) for ``init_from``: a model checkpoint dir (``lct_config.json`` + ``params``,
     e.g. from ``convert import-hf``), a training step dir, or a training workdir/checkpoint dir (its latest step)."""
     from lct_jax.convert.checkpoint import PARAMS_ITEM, restore_params_numpy  # noqa: PLC0415

@@ -75,3 +75,27 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     c.max_nonfinite_in_row = 5
     c.progress = True
     return c
+
+
+def multimodal_fields(
+    c: ml_collections.ConfigDict, *, template: str, image_mode: str, max_len: int, max_tiles: int
+):
+    """Vision tower, its init and the LLaVA-style data fields shared by stages 1 and 2."""
+    c.init_vision_from = ""  # a Hugging Face CLIP directory (openai/clip-vit-large-patch14-336) for the tower
+    c.vision = ml_collections.ConfigDict(dict(preset="tiny" if c.size == "tiny" else "clip_vit_l14_336"))
+    c.model.rope_theta = 1e9  # the text stage's extended base
+    c.data = dict(
+        annotations="",  # LLaVA .json list or .jsonl: {"image": ..., "conversations": [...]}
+        image_root="",
+        max_len=max_len,  # tokens per row, visual slots included
+        max_tiles=max_tiles,  # tiles (or frames) per row
+        template=template,  # 'plain' (stage 1) | 'qwen_1_5' (stage 2)
+        image_mode=image_mode,  # 'crop' (one square tile) | 'unires'
+        tokenizer="byte" if c.size == "tiny" else "qwen",
+        num_frames=32,
+        pack=False,
+        batch_size=8 if c.size == "tiny" else 128,
+        shuffle=True,
+        num_workers=0,
+        strict=False,
+    )

@@ -61,9 +61,15 @@ def build_model(config):
     )
     if config.stage == "text_extension":
         return "qwen2", lm_cfg, lambda rngs: Qwen2(lm_cfg, rngs=rngs)
-    from lct_jax.model.longva import LongVA, longva_config  # noqa: PLC0415
+    from lct_jax.model.clip import PRESETS as CLIP_PRESETS  # noqa: PLC0415
+    from lct_jax.model.longva import LongVA, LongVAConfig  # noqa: PLC0415
 
-    cfg = longva_config(lm_cfg, vision_preset=config.vision.preset, tile=config.vision.tile)
+    if config.vision.preset not in CLIP_PRESETS:
+        raise ValueError(
+            f"config.vision.preset={config.vision.preset!r}; expected one of {sorted(CLIP_PRESETS)}"
+        )
+    vision = CLIP_PRESETS[config.vision.preset].replace(dtype=m.dtype, remat=m.remat)
+    cfg = LongVAConfig(text=lm_cfg, vision=vision)
     return "longva", cfg, lambda rngs: LongVA(cfg, rngs=rngs)
 
 
@@ -96,7 +102,7 @@ def pipeline_options(config, mesh):
     )
 
 
-def build_data(config, mesh):
+def build_data(config, mesh, model_cfg=None):
     """The stage's grain iterator (batches of this process's rows)."""
     from lct_jax.data import loader  # noqa: PLC0415
 
@@ -124,11 +130,20 @@ def build_data(config, mesh):
         return iter(loader.text_dataset(cfg))
     from lct_jax.data.multimodal import MultimodalDataConfig  # noqa: PLC0415
 
+    if not d.annotations:
+        raise ValueError("config.data.annotations is empty: give the LLaVA-style .json/.jsonl file")
     cfg = MultimodalDataConfig(
-        **{
-            k: v for k, v in d.items() if k not in ("batch_size", "shuffle", "num_workers", "strict", "paths")
-        },
-        paths=_paths(d.paths),
+        annotations=d.annotations,
+        max_len=d.max_len,
+        max_tiles=d.max_tiles,
+        image_root=d.image_root,
+        template=d.template,
+        image_mode=d.image_mode,
+        tokenizer=d.tokenizer,
+        tile=model_cfg.tile,  # the tower's input size decides these two, not the data config
+        tokens_per_tile=model_cfg.tokens_per_tile,
+        num_frames=d.num_frames,
+        pack=d.pack,
         options=pipeline_options(config, mesh),
     )
     return iter(loader.multimodal_dataset(cfg))
@@ -147,7 +162,7 @@ def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> Loo
     spec = make_state_spec(make_model, optim, mesh)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    data_iter = data_iter if data_iter is not None else build_data(config, mesh)
+    data_iter = data_iter if data_iter is not None else build_data(config, mesh, model_cfg)
     ckpt = Checkpointer(
         workdir / "checkpoints",
         every=config.checkpoint.every,
@@ -159,11 +174,9 @@ def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> Loo
     if latest is not None:
         state = ckpt.restore(spec, optim, data_iter)
         print(f"resumed from {ckpt.directory}/{latest} (step {int(state.step)})")
-    elif config.init_from:
-        params = load_params_for_init(config.init_from, spec)
-        params = adapt_init_params(params, spec, kind)
+    elif config.init_from or config.get("init_vision_from"):
+        params = init_params(config, kind, model_cfg)
         state = init_state(spec, make_model, optim, seed=config.seed, params=params)
-        print(f"initialized from {config.init_from}")
     else:
         state = init_state(spec, make_model, optim, seed=config.seed)
         print(f"initialized from random weights (seed {config.seed})")
@@ -213,10 +226,21 @@ class _prepend:
         return getattr(self._it, name)
 
 
-def adapt_init_params(params: dict, spec, kind: str) -> dict:
-    """Stage chaining: a LongVA run may start from a Qwen2 (text stage) checkpoint: its params become the LM."""
-    if kind == "longva" and "embed" in params:  # a bare Qwen2 tree
-        from lct_jax.model.longva import params_from_parts  # noqa: PLC0415
+def init_params(config, kind: str, model_cfg) -> dict:
+    """The (possibly partial) params a run starts from: ``init_from`` (a whole model; for LongVA a Qwen2
+    checkpoint becomes the LM) and, for LongVA, ``init_vision_from`` (a Hugging Face CLIP directory). Whatever is
+    not given (e.g. the projector in stage 1) is randomly initialized."""
+    params: dict = {}
+    if config.init_from:
+        loaded = load_params_for_init(config.init_from)
+        if kind == "longva" and "lm" not in loaded:  # a text-stage (Qwen2) checkpoint
+            loaded = {"lm": loaded}
+        params.update(loaded)
+        print(f"initialized {sorted(loaded)} from {config.init_from}")
+    if kind == "longva" and config.get("init_vision_from"):
+        from lct_jax.convert.clip import hf_to_params  # noqa: PLC0415
 
-        return params_from_parts(spec, lm=params)
+        _, vision = hf_to_params(config.init_vision_from, model_cfg.vision)
+        params["vision"] = vision
+        print(f"initialized the vision tower from {config.init_vision_from}")
     return params

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from optax.transforms import MaskedNode
 
 from lct_jax.sharding import state_shardings
 from lct_jax.train.optimizer import group_labels, make_optimizer, merge_params, split_trainable
@@ -76,11 +77,11 @@ def make_state_spec(make_model, optim, mesh: Mesh) -> StateSpec:
     # moments mirror their params' shardings; counters and the like are replicated
     opt_shard = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda p, s: p if isinstance(p, MaskedNode) else s,  # a group's state masks out other groups' params
         opt_abs,
         train_shard,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, NamedSharding | MaskedNode),
     )
     shardings = TrainState(
         step=replicated,
@@ -105,14 +106,17 @@ def make_state_spec(make_model, optim, mesh: Mesh) -> StateSpec:
 
 
 def init_state(spec: StateSpec, make_model, optim, seed: int = 0, params: dict | None = None) -> TrainState:
-    """A fresh sharded state: random params from ``make_model`` (or the given pure ``params``, e.g. loaded from
-    ``init_from``), zero optimizer moments, ``step = 0``."""
+    """A fresh sharded state: random params from ``make_model``, overwritten leaf by leaf by ``params`` (a full or
+    partial pure dict, e.g. the LM from a text-stage checkpoint and the tower from an imported CLIP), zero
+    optimizer moments, ``step = 0``."""
 
-    def init(params):
-        if params is None:
-            model = make_model(nnx.Rngs(seed))
-            params = nnx.split(model, nnx.Param)[1].to_pure_dict()
-        train, frozen = split_trainable(params, optim)
+    def init(given):
+        model = make_model(nnx.Rngs(seed))
+        full = nnx.split(model, nnx.Param)[1].to_pure_dict()
+        full = (
+            merge_params(_drop(full, given), given) if given else full
+        )  # random leaves only where not given
+        train, frozen = split_trainable(full, optim)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=train,
@@ -124,26 +128,35 @@ def init_state(spec: StateSpec, make_model, optim, seed: int = 0, params: dict |
 
     if params is not None:
         check_params(params, spec)
-        params = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype != jnp.float32 else x, params)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     with jax.set_mesh(spec.mesh):
         return jax.jit(init, out_shardings=spec.shardings)(params)
 
 
+def _drop(full: dict, given: dict) -> dict:
+    """``full`` without the leaves present in ``given``."""
+    out = {}
+    for k, v in full.items():
+        if k not in given:
+            out[k] = v
+        elif isinstance(v, dict):
+            rest = _drop(v, given[k])
+            if rest:
+                out[k] = rest
+    return out
+
+
 def check_params(params: dict, spec: StateSpec) -> None:
-    """Loaded params must have exactly the model's keys and shapes."""
-    want = {
-        jax.tree_util.keystr(p): x.shape
-        for p, x in jax.tree_util.tree_flatten_with_path(
-            merge_params(spec.abstract.params, spec.abstract.frozen)
-        )[0]
+    """Loaded params must be model keys with the model's shapes (a subset is fine: the rest stays random)."""
+    flat = lambda t: {  # noqa: E731
+        jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]
     }
-    got = {
-        jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != got[k])
-    if missing or extra or bad:
+    want = flat(merge_params(spec.abstract.params, spec.abstract.frozen))
+    got = flat(params)
+    extra = sorted(set(got) - set(want))
+    bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if extra or bad:
         raise ValueError(
-            f"loaded params do not fit the model: missing={missing[:5]} extra={extra[:5]} "
-            f"shape mismatches={[(k, got[k], want[k]) for k in bad[:5]]}"
+            f"loaded params do not fit the model: unknown keys={extra[:5]} "
+            f"shape mismatches={[(k, got[k], want[k]) for k in bad[:5]]} (model keys look like {sorted(want)[:3]})"
         )

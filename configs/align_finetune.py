@@ -1,0 +1,47 @@
+r"""Stage 2: full fine-tune on instruction data (LongVA spec §8): LM + projector at 1e-5, vision tower at 2e-6.
+
+Run::
+
+    python -m lct_jax.train --config=configs/align_finetune.py:size=7b --workdir=runs/stage2 \
+        --config.init_from=runs/stage1 \
+        --config.data.annotations=llava_next_779k.json --config.data.image_root=llava_next_images
+    python -m lct_jax.convert export-hf --format longva --ckpt runs/stage2/checkpoints/<step> --out LongVA-7B-ours
+
+What to expect at size=7b: ``qwen_1_5`` chat template (assistant answers and the <|im_start|>/<|im_end|> markers
+trained), UniRes up to 49 tiles per image, rows up to 32768 tokens; everything trains: LM and projector LR 1e-5,
+vision tower LR 2e-6, cosine with 3% warmup, wd 0, clip 1.0, 1 epoch (779K rows / 128 per step ≈ 6090 steps; the
+global batch size is our choice). No video data: long-video skill comes from the text stage.
+
+``size=tiny``: tiny CLIP + LM on the demo's synthetic question–answer images (UniRes up to 4 tiles); loss falls
+within 60 steps. ``--config.x=y`` overrides; typos are errors.
+"""
+
+from lct_jax.train.config_base import base_config, group, multimodal_fields, parse_arg
+
+
+def get_config(arg: str | None = None):
+    size = parse_arg(arg)["size"]
+    c = base_config("align_finetune", size)
+    multimodal_fields(c, template="qwen_1_5", image_mode="unires", max_len=32768, max_tiles=49)
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.groups = dict(
+        vision=group(2e-6, "cosine", warmup=0.03),
+        projector=group(1e-5, "cosine", warmup=0.03),
+        lm=group(1e-5, "cosine", warmup=0.03),
+    )
+    c.num_steps = 6090
+    c.checkpoint.every = 500
+    if size == "tiny":
+        c.data.max_len = 128
+        c.data.max_tiles = 4
+        c.model.dtype = "float32"
+        c.optim.groups.vision.lr = 4e-4
+        c.optim.groups.projector.lr = 2e-3
+        c.optim.groups.lm.lr = 2e-3
+        c.num_steps = 60
+        c.checkpoint.every = 20
+        c.step.loss_chunk = 64
+    c.lock()
+    return c
