@@ -7,8 +7,9 @@ Pipeline (per process)::
         --mp_prefetch(num_workers)--> Finalize (sums `_skips` into counts(), drops the field)
 
 - **Multi-host**: every process shuffles the whole record list with the same seed and keeps every
-  ``shard_count``-th record from ``shard_index`` (default: ``jax.process_index()/process_count()``), so shards are
-  disjoint and cover the epoch. :func:`global_batch` assembles the global ``jax.Array`` with
+  ``shard_count``-th record from ``shard_index``, so shards are disjoint and cover the epoch. The default is
+  ``jax.process_index()/process_count()``; when processes share rows (``'seq'`` across hosts) pass
+  ``mesh_data_shard(mesh)``. :func:`global_batch` assembles the global ``jax.Array`` with
   ``jax.make_array_from_process_local_data`` (batch over ``'data'``, tokens over ``'seq'``).
 - **Zigzag**: with ``seq_shards`` W > 1 every per-token field of every row is permuted with
   :func:`lct_jax.ops.zigzag.zigzag`; the row length is rounded up to a multiple of 2W first, and rounding padding
@@ -146,12 +147,16 @@ class PipelineOptions:
     num_epochs: int | None = None  # None = repeat forever
     num_workers: int = 0
     worker_buffer_size: int = 2
+    # threads/buffer of grain's per-process record reader (None: 16/500 for text, 2/4 for images, whose decoded
+    # samples are ~16 MB each at 12 tiles, so grain's default buffer of 500 would hold ~8 GB)
+    read_threads: int | None = None
+    read_buffer: int | None = None
     shard_index: int | None = None  # None = jax.process_index()
     shard_count: int | None = None  # None = jax.process_count()
     strict: bool = False
 
 
-def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions) -> IterDataset:
+def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions, read=(16, 500)) -> IterDataset:
     """source (random access) -> batches; ``record_fn(index, record)`` maps records, ``pack_fn`` packs rows."""
     if opts.batch_size < 1:
         raise ValueError(f"batch_size={opts.batch_size} must be >= 1")
@@ -165,7 +170,9 @@ def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions) -> IterDat
     if opts.num_epochs != 1:
         ds = ds.repeat(opts.num_epochs)
     ds = ds.map_with_index(record_fn)
-    it = pack_fn(ds.to_iter_dataset())
+    threads = read[0] if opts.read_threads is None else opts.read_threads
+    buffer = read[1] if opts.read_buffer is None else opts.read_buffer
+    it = pack_fn(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)))
     if opts.seq_shards > 1:
         it = it.map(functools.partial(zigzag_row, seq_shards=opts.seq_shards))
     it = it.batch(opts.batch_size, drop_remainder=False)
@@ -204,6 +211,7 @@ def multimodal_dataset(cfg) -> IterDataset:
         multimodal.PrepareSample(cfg),
         lambda it: multimodal.PackSamplesIterDataset(it, cfg),
         cfg.options,
+        read=(2, 4),
     )
 
 
@@ -221,15 +229,39 @@ def batch_shardings(batch: dict[str, Any], mesh) -> dict[str, jax.sharding.Named
     return out
 
 
-def global_batch(
-    batch: dict[str, np.ndarray], mesh, num_processes: int | None = None
-) -> dict[str, jax.Array]:
+def mesh_data_shard(mesh, process_index: int | None = None, process_of=None) -> tuple[int, int]:
+    """``(shard_index, shard_count)`` for :class:`PipelineOptions`, read off the mesh.
+
+    Rows are split over the ``'data'`` axis only; processes whose devices sit at the same ``'data'`` coordinates
+    (e.g. when ``'seq'`` spans hosts for a 1M-token row) must build identical rows, so they get the same shard.
+    ``process_of(device)`` defaults to ``device.process_index`` (tests pass a fake one to simulate hosts).
+    """
+    process_of = process_of or (lambda d: d.process_index)
+    pi = jax.process_index() if process_index is None else process_index
+    axis = mesh.axis_names.index("data")
+    coords: dict[int, set[int]] = {}
+    for idx, d in np.ndenumerate(mesh.devices):
+        coords.setdefault(process_of(d), set()).add(idx[axis])
+    groups = sorted({tuple(sorted(c)) for c in coords.values()})
+    flat = [c for g in groups for c in g]
+    if len(flat) != len(set(flat)):
+        raise ValueError(
+            f"processes hold overlapping but unequal sets of 'data' rows {groups}; arrange the mesh so that each "
+            "process's devices cover whole 'data' groups (data over hosts, seq/model within or across whole groups)"
+        )
+    if pi not in coords:
+        raise ValueError(f"process {pi} owns no device of the mesh; processes: {sorted(coords)}")
+    return groups.index(tuple(sorted(coords[pi]))), len(groups)
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh, num_shards: int | None = None) -> dict[str, jax.Array]:
     """Process-local rows -> global ``jax.Array`` s with ``jax.make_array_from_process_local_data``.
 
-    Assumes processes split the batch (``'data'`` spans processes; ``'seq'``/``'model'`` may span devices within
-    or across hosts: every process passes whole rows and each device takes its slice of the token axis).
+    Every process passes whole rows ``[B_local, L]`` of its data shard; the global batch is
+    ``B_local * num_shards`` rows (``num_shards`` defaults to :func:`mesh_data_shard`'s count) and each device
+    takes its slice of rows (``'data'``) and of the token axis (``'seq'``, the rows being zigzagged already).
     """
-    n = jax.process_count() if num_processes is None else num_processes
+    n = mesh_data_shard(mesh)[1] if num_shards is None else num_shards
     out = {}
     for k, sh in batch_shardings(batch, mesh).items():
         v = batch[k]

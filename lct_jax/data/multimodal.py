@@ -199,7 +199,7 @@ def build_row(samples: list[dict], cfg: MultimodalDataConfig, pad_id: int) -> di
         "positions": np.zeros([L], np.int32),
         "segment_ids": np.zeros([L], np.int32),
         "visual_index": np.full([L], -1, np.int32),
-        "pixels": np.zeros([M, S, S, 3], np.float32),
+        "pixels": np.empty([M, S, S, 3], np.float32),  # real tiles copied in, the rest zeroed below
         "pixel_mask": np.zeros([M], bool),
     }
     t0, m0 = 0, 0
@@ -217,6 +217,7 @@ def build_row(samples: list[dict], cfg: MultimodalDataConfig, pad_id: int) -> di
         row["pixels"][m0 : m0 + k] = s["pixels"]
         row["pixel_mask"][m0 : m0 + k] = True
         t0, m0 = t0 + n, m0 + k
+    row["pixels"][m0:] = 0
     return row
 
 

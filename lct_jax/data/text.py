@@ -117,7 +117,8 @@ class TokenizeDocument:
         self.tokenizer, self.field, self.record_format, self.strict = tokenizer, field, record_format, strict
 
     def _text(self, rec) -> str | np.ndarray:
-        if isinstance(rec, dict):
+        from_dict = isinstance(rec, dict)
+        if from_dict:  # tfds feature dict: the field holds the text (or token ids) itself
             rec = rec.get(self.field)
             if rec is None:
                 raise BadRecord("bad_record", f"record has no field {self.field!r}")
@@ -130,7 +131,7 @@ class TokenizeDocument:
                 rec = rec.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise BadRecord("bad_record", f"not UTF-8: {e}") from e
-        if self.record_format == "json" and isinstance(rec, str):
+        if self.record_format == "json" and isinstance(rec, str) and not from_dict:
             try:
                 obj = json.loads(rec)
             except json.JSONDecodeError as e:
@@ -257,7 +258,10 @@ class _PackTextIterator(DatasetIterator):
 
 
 class PackTextIterDataset(IterDataset):
-    """Documents (int32[T] or :class:`Skipped`) -> rows of the batch schema, plus a ``_skips`` count vector."""
+    """Documents (int32[T] or :class:`Skipped`) -> rows of the batch schema, plus a ``_skips`` count vector.
+
+    Skips ride on the next row; in a finite run, records skipped after the last row are logged but not counted.
+    """
 
     def __init__(self, parent: IterDataset, seq_len: int, bos_id: int, pad_id: int, per_document=False,
                  drop_remainder=False):  # fmt: skip

@@ -143,3 +143,21 @@ def test_global_batch_on_mesh(jsonl):
     )
     for k in b:
         np.testing.assert_array_equal(np.asarray(g[k]), b[k])
+
+
+def test_mesh_data_shard_simulated_hosts():
+    from lct_jax.data.loader import mesh_data_shard
+
+    # 8 devices as 4 simulated hosts of 2; data=2 x seq=4: hosts 0,1 hold data row 0, hosts 2,3 row 1
+    mesh = make_mesh(data=2, seq=4, model=1)
+    host = {d: i // 2 for i, d in enumerate(mesh.devices.reshape(-1))}
+    got = [mesh_data_shard(mesh, p, host.get) for p in range(4)]
+    assert got == [(0, 2), (0, 2), (1, 2), (1, 2)]  # hosts sharing rows read the same shard
+    mesh = make_mesh(data=4, seq=2, model=1)
+    host = {d: i // 2 for i, d in enumerate(mesh.devices.reshape(-1))}
+    assert [mesh_data_shard(mesh, p, host.get) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    host = {
+        d: [0, 0, 0, 1, 1, 2, 2, 2][i] for i, d in enumerate(mesh.devices.reshape(-1))
+    }  # hosts straddle rows
+    with pytest.raises(ValueError, match="overlapping"):
+        mesh_data_shard(mesh, 0, host.get)
