@@ -12,8 +12,9 @@ from lct_jax.model.projector import Projector, pool2x2
 from lct_jax.model.qwen2 import count_params
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **text_overrides):
     cfg = PRESETS["tiny"].replace(dtype="float32")
+    cfg = cfg.replace(text=cfg.text.replace(**text_overrides))
     model = LongVA(cfg, rngs=nnx.Rngs(seed))
     # non-trivial norms/biases everywhere (init leaves them at 1 / 0)
     graphdef, state = nnx.split(model)
@@ -122,16 +123,18 @@ def test_precomputed_visual_tokens_and_errors():
     cfg, model = tiny_model()
     batch, _ = mixed_batch(cfg)
     b = {k: jnp.asarray(v) for k, v in batch.items()}
+    # V-NIAH path: precomputed visual tokens give the same logits as pixels
     visual = model.visual_tokens(b["pixels"], b["pixel_mask"])
     a, _ = model(b["inputs"], visual_tokens=visual, visual_index=b["visual_index"])
     c, _ = model(**b)
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
-    with pytest.raises(ValueError, match="without visual_index"):
-        model(b["inputs"], pixels=b["pixels"])
-    with pytest.raises(ValueError, match=r"pixel_mask shape \(3, 2\)"):
-        model(**{**b, "pixel_mask": b["pixel_mask"][:, :2]})
     text_only, inter = model(jnp.maximum(b["inputs"], 0))
     assert "visual_tokens" not in inter and text_only.shape == c.shape
+    # shape errors are raised while tracing, before any compute
+    with pytest.raises(ValueError, match="without visual_index"):
+        jax.eval_shape(lambda m: m(b["inputs"], pixels=b["pixels"]), model)
+    with pytest.raises(ValueError, match=r"pixel_mask shape \(3, 2\)"):
+        jax.eval_shape(lambda m: m(**{**b, "pixel_mask": b["pixel_mask"][:, :2]}), model)
 
 
 def test_projector_and_pool_match_torch():
@@ -184,3 +187,35 @@ def test_config_dict_round_trip_and_overrides():
     assert LongVAConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown LongVAConfig fields"):
         LongVAConfig.from_dict({**dataclasses.asdict(cfg), "image_newline": True})
+
+
+def test_sharded_forward_equals_unsharded():
+    """data=2 x seq=2 x model=2 with ring attention: tiles spread over data x seq (act_tiles), tokens over seq
+    (ring), heads over model; same logits and visual tokens as one device."""
+    from lct_jax import sharding
+
+    cfg, model = tiny_model(2, attention="auto")  # auto = ring on the seq=2 mesh, dense without one
+    batch, _ = mixed_batch(cfg, seed=2)
+    batch = {k: np.concatenate([v, v[1:2]]) for k, v in batch.items()}  # B=4 divides data=2
+    fwd = jax.jit(lambda m, b: m(**b))
+    want, want_inter = fwd(model, {k: jnp.asarray(v) for k, v in batch.items()})
+
+    mesh = sharding.make_mesh(data=2, seq=2, model=2)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    names = {"pixels": ("act_batch",), "pixel_mask": ("act_batch",)}
+    placed = {
+        k: jax.device_put(v, sharding.named_sharding(mesh, names.get(k, ("act_batch", "act_seq"))))
+        for k, v in batch.items()
+    }
+    with jax.set_mesh(mesh):
+        got, inter = jax.jit(lambda s, b: nnx.merge(graphdef, s)(**b))(state, placed)
+    assert state["vision"]["layers"]["attn"]["q"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(
+        None, ("data", "seq"), "model", None
+    )
+    np.testing.assert_allclose(
+        np.asarray(inter["visual_tokens"]), np.asarray(want_inter["visual_tokens"]), atol=1e-5
+    )
+    err = np.abs(np.asarray(got) - np.asarray(want)).max()
+    print(f"sharded (ring) vs unsharded max|diff| = {err:.2e}")
+    assert err <= 1e-5
