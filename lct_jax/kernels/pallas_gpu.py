@@ -118,9 +118,7 @@ def _dkv_kernel(vis_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do
                 dk_ref, dv_ref, *, scale, block_q, nq, groups):  # fmt: skip
     k, v, kp, ks = k_ref[...], v_ref[...], kp_ref[...], ks_ref[...]  # [bk, H], [bk]
 
-    def body(step, carry):
-        g, i = step // nq, step % nq
-
+    def body(g, i, carry):
         def compute(carry):
             dk, dv = carry
             rows = pl.ds(i * block_q, block_q)
@@ -135,7 +133,10 @@ def _dkv_kernel(vis_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do
 
         return lax.cond(vis_ref[i] > 0, compute, lambda c: c, carry)
 
-    dk, dv = lax.fori_loop(0, groups * nq, body, (dk_in[...], dv_in[...]))
+    carry = (dk_in[...], dv_in[...])
+    for g in range(groups):  # static: the query heads sharing this kv head
+        carry = lax.fori_loop(0, nq, functools.partial(body, g), carry)
+    dk, dv = carry
     dk_ref[...], dv_ref[...] = dk, dv
 
 

@@ -106,3 +106,23 @@ def test_kernel_two_hops_matches_dense(kernel, dtype, tol):
     assert bool(jnp.all(jnp.where(empty[..., None, None], got[0], 0) == 0))
     assert bool(jnp.all(jnp.where(empty[..., None, None], got[1], 0) == 0))
     assert bool(jnp.any(block_visibility(*masks, BLK, BLK) == 0)), "some blocks must be skipped"
+
+
+def test_pallas_gpu_lowers_to_triton_without_a_gpu():
+    """No GPU here: lower (not compile) the fwd and bwd hop kernels for CUDA; Pallas emits Triton custom calls."""
+    from lct_jax.kernels import pallas_gpu  # noqa: PLC0415
+
+    b, kh, g, t, h, blk = 1, 2, 2, 128, 64, 64
+    q = jnp.zeros((b, kh, g, t, h), jnp.bfloat16)
+    k = jnp.zeros((b, kh, t, h), jnp.bfloat16)
+    pos = jnp.zeros((b, t), jnp.int32)
+    kw = dict(scale=0.125, block_q=blk, block_k=blk, interpret=False)
+
+    def fwd_bwd(q, k):
+        vis = block_visibility(pos, pos, pos, pos, blk, blk)
+        o, m, l = pallas_gpu.fwd_hop(q, k, k, pos, pos, pos, pos, vis, *init_carry(q), **kw)
+        zk = jnp.zeros(k.shape, jnp.float32)
+        return pallas_gpu.bwd_hop(q, k, k, pos, pos, pos, pos, vis, q, m, l, o, zk, zk, **kw)
+
+    text = jax.jit(fwd_bwd).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3, text.count("xla.gpu.triton")  # fwd, dK/dV, dQ
