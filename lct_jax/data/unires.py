@@ -96,9 +96,26 @@ def num_visual_tokens(w: int, h: int, tile: int = TILE, tokens_per_tile: int = T
     return num_tiles(w, h, tile) * tokens_per_tile
 
 
+# (v / 255 − mean_c) / std_c for every byte value v and channel c, flattened as [v * 3 + c].
+_NORMALIZED = (
+    ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32).ravel()
+)
+
+
 def normalize(pixels_uint8: np.ndarray) -> np.ndarray:
-    """uint8[..., 3] → float32 CLIP-normalized: (x / 255 − mean) / std."""
-    return ((pixels_uint8.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+    """uint8[..., 3] → float32 CLIP-normalized: (x / 255 − mean) / std.
+
+    A table lookup (one gather over [v * 3 + c]) gives the formula's exact fp32 values at about half the cost of
+    evaluating it; this is on the stage-2 loader's hot path (12 tiles ≈ 4M values per 1024x768 image).
+    """
+    pixels_uint8 = np.asarray(pixels_uint8)
+    if pixels_uint8.dtype != np.uint8 or pixels_uint8.shape[-1:] != (3,):
+        raise ValueError(
+            f"normalize expects uint8[..., 3], got {pixels_uint8.dtype}{list(pixels_uint8.shape)}"
+        )
+    idx = np.multiply(pixels_uint8, 3, dtype=np.uint16)
+    idx += np.array([0, 1, 2], np.uint16)
+    return _NORMALIZED.take(idx)
 
 
 def unires_canvas(img: Image.Image, tile: int = TILE) -> Image.Image:

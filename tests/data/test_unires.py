@@ -330,3 +330,18 @@ def test_exif_orientation_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90° CW on display
     path = save(tmp_path, "rot.jpg", img, "JPEG", exif=exif.tobytes())
     assert load_image(path).size == (20, 40)
+
+
+def test_normalize_table_equals_formula_for_every_byte():
+    from lct_jax.data.unires import CLIP_MEAN, CLIP_STD, normalize
+
+    pixels = np.stack(np.meshgrid(np.arange(256), np.arange(256), np.arange(256), indexing="ij"), -1)[
+        ::3, ::5
+    ]
+    pixels = pixels.astype(np.uint8)  # every value in every channel
+    want = ((pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+    got = normalize(pixels)
+    assert got.dtype == np.float32 and got.shape == pixels.shape
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(pixels.astype(np.float32))
