@@ -224,7 +224,11 @@ class Qwen2(nnx.Module):
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """int[B, T] → [B, T, D] in the compute dtype."""
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        # FSDP shards the table's embed dim over data x seq; gathering rows from it would leave D sharded and
+        # force a full rematerialization to the [B, T] activation layout. All-gather D first (as every FSDP
+        # layer does with its weights); vocab stays split over `model`.
+        table = constrain(self.embed[...], ("vocab", None))  # [V, D]
+        x = jnp.take(table, input_ids, axis=0).astype(self.cfg.dtype)
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
     def encode(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None) -> jax.Array:
