@@ -13,7 +13,8 @@ crop per image, rows up to 8192 tokens; only the projector trains: LR 1e-3, cosi
 release, 128 is our choice). Caption loss falls fast (to ~2.5 on LCS-558K).
 
 ``size=tiny``: tiny CLIP (56 px tiles, 4 tokens each) + tiny LM, byte tokenizer; the demo's synthetic captions
-take the loss from ~6 to well under 2 within 60 steps. ``--config.x=y`` overrides; typos are errors.
+(whose language the text stage already taught the frozen LM) go from ~1.40 to ~1.24 in 120
+steps as the projector learns to pass colour and shape. ``--config.x=y`` overrides; typos are errors.
 """
 
 from lct_jax.train.config_base import base_config, group, multimodal_fields, parse_arg
@@ -37,8 +38,8 @@ def get_config(arg: str | None = None):
         c.data.max_len = 64
         c.model.dtype = "float32"
         c.optim.groups.projector.lr = 1e-2
-        c.num_steps = 60
-        c.checkpoint.every = 20
+        c.num_steps = 120  # ~11 ms per step on 2 CPU cores
+        c.checkpoint.every = 40
         c.step.loss_chunk = 64
     c.lock()
     return c

@@ -45,14 +45,20 @@ OBJECTS = ("the red ball", "a green tree", "the old house", "a blue car", "the r
 # --------------------------------------------------------------------------------------------------- data
 
 
+def _sentence(r: random.Random) -> str:
+    if r.random() < 0.5:  # the language the captions and answers use: the LM learns it from text alone
+        fg, bg = r.sample(sorted(COLORS), 2)
+        return f"a {fg} {r.choice(SHAPES)} on a {bg} background."
+    return f"{r.choice(SUBJECTS)} {r.choice(VERBS)} {r.choice(OBJECTS)}."
+
+
 def write_text_data(out: Path, n_docs: int = 600, seed: int = 0) -> Path:
     """JSON-lines documents of 3..60 simple sentences (some longer than a 256-token row)."""
     r = random.Random(seed)
     path = out / "stage0_docs.jsonl"
     with open(path, "w") as f:
         for _ in range(n_docs):
-            n = r.randint(3, 60)
-            text = " ".join(f"{r.choice(SUBJECTS)} {r.choice(VERBS)} {r.choice(OBJECTS)}." for _ in range(n))
+            text = " ".join(_sentence(r) for _ in range(r.randint(3, 60)))
             f.write(json.dumps({"text": text}) + "\n")
     return path
 
@@ -171,7 +177,7 @@ def _export(ckpt: str, out: Path, fmt: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="everything goes here (data, runs, exports)")
-    parser.add_argument("--steps", type=int, default=60, help="steps per stage")
+    parser.add_argument("--steps", type=int, default=None, help="steps per stage (default: each config's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu when it is installed
@@ -184,7 +190,9 @@ def main(argv=None) -> int:
     data.mkdir(parents=True, exist_ok=True)
     docs = write_text_data(data)
     img_dir, captions, qa = write_image_data(data)
-    common = {"num_steps": args.steps, "progress": False, "log_every": 20}
+    common = {"progress": False, "log_every": 20}
+    if args.steps:
+        common["num_steps"] = args.steps
     results = [
         _stage(
             "stage 0 (text extension)",

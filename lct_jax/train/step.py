@@ -65,12 +65,12 @@ def _split_micro(x: jax.Array, a: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b // a, a, *x.shape[1:]), 1, 0)
 
 
-def make_train_step(spec: StateSpec, optim, step_cfg: StepConfig, forward: Callable | None = None):
-    """The pure step function (not jitted). ``forward(model, batch) -> (hidden, head_weight)``."""
-    scheds = schedules(optim)
+def make_loss_and_grads(spec: StateSpec, step_cfg: StepConfig, forward: Callable | None = None):
+    """``fn(state, batch) -> (loss, loss_tokens, grads)``: the mean loss over the whole batch and its gradient
+    w.r.t. the trainable params, accumulated over ``step_cfg.micro_batches`` strided micro-batches."""
     a = step_cfg.micro_batches
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def loss_and_grads(state: TrainState, batch: dict):
         fwd = forward or forward_for(batch.keys())
         b = batch["inputs"].shape[0]
         if b % a:
@@ -107,7 +107,18 @@ def make_train_step(spec: StateSpec, optim, step_cfg: StepConfig, forward: Calla
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
-        loss = loss_sum / denom
+        return loss_sum / denom, total_tokens, grads
+
+    return loss_and_grads
+
+
+def make_train_step(spec: StateSpec, optim, step_cfg: StepConfig, forward: Callable | None = None):
+    """The pure step function (not jitted). ``forward(model, batch) -> (hidden, head_weight)``."""
+    scheds = schedules(optim)
+    loss_and_grads = make_loss_and_grads(spec, step_cfg, forward)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        loss, total_tokens, grads = loss_and_grads(state, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
