@@ -38,7 +38,7 @@ import numpy as np
 from grain import DatasetIterator, IterDataset
 
 from lct_jax.data.loader import PipelineOptions
-from lct_jax.data.skips import BadRecord, Skipped, add_skip, skip_or_raise, zero_skips
+from lct_jax.data.skips import BadRecord, next_record, skip_or_raise, zero_skips
 from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_TOKEN, encode_plain, encode_qwen_1_5
 from lct_jax.data.text import JsonlSource
 from lct_jax.data.tokenizer import load_tokenizer
@@ -230,17 +230,11 @@ class _PackSamplesIterator(DatasetIterator):
         self._pending = zero_skips()
 
     def _fetch(self) -> bool:
-        while True:
-            state = self._parent.get_state()
-            try:
-                x = next(self._parent)
-            except StopIteration:
-                return False
-            if isinstance(x, Skipped):
-                add_skip(self._pending, x.reason)
-                continue
-            self._held, self._held_state = x, state
-            return True
+        got = next_record(self._parent, self._pending)
+        if got is None:
+            return False
+        self._held, self._held_state = got
+        return True
 
     def __next__(self):
         samples, tokens, tiles = [], 0, 0

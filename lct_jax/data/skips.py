@@ -64,3 +64,19 @@ def add_skip(counts: np.ndarray, reason: str) -> None:
 
 def skips_to_dict(counts) -> dict[str, int]:
     return {f"skipped/{r}": int(c) for r, c in zip(SKIP_REASONS, np.asarray(counts).tolist(), strict=True)}
+
+
+def next_record(parent, pending: np.ndarray):
+    """``(record, parent_state_before_it)`` for the next record of ``parent`` that is not :class:`Skipped`
+    (skips are counted into ``pending``), or ``None`` at the end. The packers keep that state so a restore can
+    re-fetch a record that was read but not yet fully placed in a row."""
+    while True:
+        state = parent.get_state()
+        try:
+            x = next(parent)
+        except StopIteration:
+            return None
+        if isinstance(x, Skipped):
+            add_skip(pending, x.reason)
+            continue
+        return x, state

@@ -44,7 +44,7 @@ import numpy as np
 from grain import DatasetIterator, IterDataset
 
 from lct_jax.data.loader import PipelineOptions
-from lct_jax.data.skips import BadRecord, Skipped, add_skip, skip_or_raise, zero_skips
+from lct_jax.data.skips import BadRecord, Skipped, next_record, skip_or_raise, zero_skips
 from lct_jax.data.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -195,19 +195,13 @@ class _PackTextIterator(DatasetIterator):
         self._done = False
 
     def _fetch(self) -> bool:
-        while True:
-            state = self._parent.get_state()
-            try:
-                x = next(self._parent)
-            except StopIteration:
-                return False
-            if isinstance(x, Skipped):
-                add_skip(self._pending, x.reason)
-                continue
-            self._doc_state = state
-            self._doc = np.concatenate([np.array([self.bos_id], np.int32), np.asarray(x, np.int32)])
-            self._off = 0
-            return True
+        got = next_record(self._parent, self._pending)
+        if got is None:
+            return False
+        x, self._doc_state = got
+        self._doc = np.concatenate([np.array([self.bos_id], np.int32), np.asarray(x, np.int32)])
+        self._off = 0
+        return True
 
     def __next__(self):
         if self._done:
