@@ -18,7 +18,16 @@ import os
 
 import numpy as np
 
-from lct_jax.convert.mapping import FLAT, ConversionError, Rule, Transform, linear, to_hf, to_ours
+from lct_jax.convert.mapping import (
+    FLAT,
+    ConversionError,
+    Rule,
+    Transform,
+    linear,
+    read_strict_config,
+    to_hf,
+    to_ours,
+)
 from lct_jax.convert.qwen2 import read_hf_config
 from lct_jax.convert.safetensors_io import SafetensorsDir
 from lct_jax.model.clip import CLIPConfig
@@ -69,19 +78,9 @@ def config_from_hf(hf: dict, **overrides) -> CLIPConfig:
         if "vision_config" not in hf:
             raise ConversionError("config.json: model_type 'clip' without a vision_config")
         hf = {"model_type": "clip_vision_model", **hf["vision_config"]}
-    kw, unknown = {}, []
-    for key, value in hf.items():
-        if key in _TRANSLATED:
-            kw[_TRANSLATED[key]] = value
-        elif key in _REQUIRED:
-            if value not in _REQUIRED[key]:
-                raise ConversionError(
-                    f"CLIP config: {key}={value!r} is not supported (lct_jax implements {_REQUIRED[key][0]!r})"
-                )
-        elif key not in _IGNORED:
-            unknown.append(key)
-    if unknown:
-        raise ConversionError(f"CLIP config: fields lct_jax does not understand: {sorted(unknown)}")
+    kw = read_strict_config(
+        hf, what="CLIP config", translated=_TRANSLATED, required=_REQUIRED, ignored=_IGNORED
+    )
     # transformers' defaults for fields a minimal config may omit (CLIPVisionConfig())
     defaults = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=224,
                     patch_size=32, layer_norm_eps=1e-5)  # fmt: skip

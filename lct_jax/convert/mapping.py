@@ -175,6 +175,44 @@ def unflatten_params(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
     return tree
 
 
+def read_strict_config(
+    hf: Mapping,
+    *,
+    what: str,
+    translated: Mapping[str, str],
+    required: Mapping[str, tuple],
+    ignored: Iterable[str],
+    special: Mapping[str, Callable[[object, dict], None]] | None = None,
+) -> dict:
+    """Translate an HF config dict field by field; any field not accounted for is an error.
+
+    ``translated``: HF name -> our field name; ``required``: HF name -> the values we implement (the first is
+    named in the error); ``ignored``: informational fields that do not change the computed function;
+    ``special``: HF name -> ``fn(value, kwargs)`` for fields that need code. Returns our config kwargs.
+    """
+    special = special or {}
+    ignored = set(ignored)
+    kw: dict = {}
+    unknown = []
+    for key, value in hf.items():
+        if key in translated:
+            kw[translated[key]] = value
+        elif key in required:
+            if value not in required[key]:
+                raise ConversionError(
+                    f"{what}: {key}={value!r} is not supported (lct_jax implements {required[key][0]!r})"
+                )
+        elif key in special:
+            special[key](value, kw)
+        elif key not in ignored:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(
+            f"{what}: fields lct_jax does not understand: {sorted(unknown)}; refusing to drop them silently"
+        )
+    return kw
+
+
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 

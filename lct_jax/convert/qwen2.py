@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lct_jax.convert.mapping import FLAT, ConversionError, Rule, linear, to_hf, to_ours
+from lct_jax.convert.mapping import FLAT, ConversionError, Rule, linear, read_strict_config, to_hf, to_ours
 from lct_jax.convert.safetensors_io import SafetensorsDir
 from lct_jax.model.qwen2 import Qwen2Config
 
@@ -60,48 +60,46 @@ _IGNORED = {
     "output_attentions",
     "output_hidden_states",
     "return_dict",
-    "attention_bias",
 }
 # these are also written back on export when present at import
 _PRESERVED_ON_EXPORT = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
 
 
+def _rope_theta(value, kw):
+    kw["rope_theta"] = float(value)
+
+
+def _rope_parameters(value, kw):
+    if value.get("rope_type", "default") != "default" or set(value) - {"rope_type", "rope_theta"}:
+        raise ConversionError(
+            f"config.json: rope_parameters={value} is not supported (only rope_type 'default' with rope_theta)"
+        )
+    kw["rope_theta"] = float(value["rope_theta"])
+
+
+def _layer_types(value, kw):
+    if any(t != "full_attention" for t in value):
+        raise ConversionError(f"config.json: layer_types={value} is not supported (only full_attention)")
+
+
+def _attention_bias(value, kw):
+    if value is not True:
+        raise ConversionError(f"config.json: attention_bias={value!r}; Qwen2 has q/k/v biases")
+
+
+_SPECIAL = {
+    "rope_theta": _rope_theta,
+    "rope_parameters": _rope_parameters,
+    "layer_types": _layer_types,
+    "attention_bias": _attention_bias,
+}
+
+
 def config_from_hf(hf: dict, **overrides) -> Qwen2Config:
     """Strict HF Qwen2 config.json -> Qwen2Config."""
-    kw = {}
-    unknown = []
-    for key, value in hf.items():
-        if key in _TRANSLATED:
-            kw[_TRANSLATED[key]] = value
-        elif key in _REQUIRED:
-            if value not in _REQUIRED[key]:
-                raise ConversionError(
-                    f"config.json: {key}={value!r} is not supported (lct_jax implements "
-                    f"{_REQUIRED[key][0]!r})"
-                )
-        elif key == "rope_theta":
-            kw["rope_theta"] = float(value)
-        elif key == "rope_parameters":
-            if value.get("rope_type", "default") != "default" or set(value) - {"rope_type", "rope_theta"}:
-                raise ConversionError(
-                    f"config.json: rope_parameters={value} is not supported "
-                    "(only rope_type 'default' with rope_theta)"
-                )
-            kw["rope_theta"] = float(value["rope_theta"])
-        elif key == "layer_types":
-            if any(t != "full_attention" for t in value):
-                raise ConversionError(
-                    f"config.json: layer_types={value} is not supported (only full_attention)"
-                )
-        elif key == "attention_bias" and value is not True:
-            raise ConversionError(f"config.json: attention_bias={value!r}; Qwen2 has q/k/v biases")
-        elif key not in _IGNORED:
-            unknown.append(key)
-    if unknown:
-        raise ConversionError(
-            f"config.json: fields lct_jax does not understand: {sorted(unknown)}; "
-            "refusing to drop them silently"
-        )
+    kw = read_strict_config(
+        hf, what="config.json", translated=_TRANSLATED, required=_REQUIRED, ignored=_IGNORED, special=_SPECIAL
+    )
     for required in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
         if required not in kw:
             raise ConversionError(f"config.json: missing required field for {required}")
