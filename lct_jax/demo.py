@@ -174,6 +174,27 @@ def _export(ckpt: str, out: Path, fmt: str) -> None:
     subprocess.run(cmd, check=True, env=os.environ.copy())
 
 
+def check_qwen2_export(ckpt: str, hf_dir: Path) -> float | None:
+    """Max |logits| difference between the exported PyTorch model (transformers) and the lct_jax checkpoint on a
+    sample sequence; None when torch/transformers are not installed."""
+    try:
+        import torch  # noqa: PLC0415
+        from transformers import Qwen2ForCausalLM  # noqa: PLC0415
+    except ImportError:
+        return None
+    import numpy as np  # noqa: PLC0415
+
+    from lct_jax.convert.checkpoint import load_model  # noqa: PLC0415
+
+    ids = np.arange(1, 65, dtype=np.int32)[None] * 3 % 256
+    ours = np.asarray(load_model(ckpt, dtype="float32")(ids))
+    with torch.no_grad():
+        theirs = (
+            Qwen2ForCausalLM.from_pretrained(hf_dir).float()(torch.from_numpy(ids.astype(np.int64))).logits
+        )
+    return float(np.abs(ours - theirs.numpy()).max())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="everything goes here (data, runs, exports)")
@@ -224,6 +245,11 @@ def main(argv=None) -> int:
     }
     _export(results[0]["checkpoint"], exports["qwen2 (stage 0)"], "qwen2")
     _export(results[2]["checkpoint"], exports["longva (stage 2)"], "longva")
+    diff = check_qwen2_export(results[0]["checkpoint"], exports["qwen2 (stage 0)"])
+    if diff is not None:
+        print(
+            f"transformers Qwen2ForCausalLM on the stage-0 export vs lct_jax: max |logits diff| = {diff:.2e}"
+        )
     (work / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n=== demo done in {time.time() - t0:.0f} s")
     for r in results:
