@@ -4,9 +4,9 @@ A record is ``{"image": path | [paths], "video": path, "conversations": [{"from"
 with one ``<image>`` placeholder per image or video. Per record (:class:`PrepareSample`):
 
 1. the template (``qwen_1_5`` or ``plain``) gives ids with one ``IMAGE_TOKEN`` per placeholder and the label mask;
-2. each image goes through UniRes (``preprocess_image``: 1..49 tiles) or, with ``image_mode='crop'`` (stage 1),
+2. each image goes through UniRes (``image_tiles``: 1..49 tiles) or, with ``image_mode='crop'`` (stage 1),
    one shortest-edge-resize + center crop; a video (a directory of frame images) through ``sample_frame_indices``
-   and ``preprocess_frames``;
+   and ``frame_tiles``. Tiles stay uint8 RGB: the model applies the CLIP normalization on device;
 3. placeholder k is expanded into ``tiles_k * tokens_per_tile`` slots holding ``IMAGE_TOKEN`` (never trained);
    ``visual_index`` numbers them into the sample's flattened visual tokens ``[tiles * tokens_per_tile]``.
 
@@ -104,8 +104,8 @@ class PrepareSample:
         try:
             img = unires.load_image(path)
             if self.cfg.image_mode == "crop":
-                return unires.preprocess_frames([img], tile=self.cfg.tile)
-            return unires.preprocess_image(img, tile=self.cfg.tile)
+                return unires.frame_tiles([img], tile=self.cfg.tile)
+            return unires.image_tiles(img, tile=self.cfg.tile)
         except Exception as e:  # noqa: BLE001 - any failure to decode/convert is this record's problem
             raise BadRecord("bad_image", f"{path}: {e}") from e
 
@@ -120,7 +120,7 @@ class PrepareSample:
         idx = unires.sample_frame_indices(len(files), num_frames=min(self.cfg.num_frames, len(files)))
         try:
             frames = [unires.load_image(os.path.join(path, files[int(i)])) for i in idx]
-            return unires.preprocess_frames(frames, tile=self.cfg.tile)
+            return unires.frame_tiles(frames, tile=self.cfg.tile)
         except Exception as e:  # noqa: BLE001
             raise BadRecord("bad_image", f"video {path}: {e}") from e
 
@@ -176,7 +176,7 @@ class PrepareSample:
         if not trained[1:].any():
             raise BadRecord("no_assistant_turn", "nothing to train on after the shift")
         s = cfg.tile
-        pix = np.concatenate(pixels) if pixels else np.zeros([0, s, s, 3], np.float32)
+        pix = np.concatenate(pixels) if pixels else np.zeros([0, s, s, 3], np.uint8)
         return {"ids": ids, "trained": trained, "visual_index": vis, "pixels": pix}
 
     def __call__(self, index: int, rec):
@@ -199,7 +199,7 @@ def build_row(samples: list[dict], cfg: MultimodalDataConfig, pad_id: int) -> di
         "positions": np.zeros([L], np.int32),
         "segment_ids": np.zeros([L], np.int32),
         "visual_index": np.full([L], -1, np.int32),
-        "pixels": np.empty([M, S, S, 3], np.float32),  # real tiles copied in, the rest zeroed below
+        "pixels": np.empty([M, S, S, 3], np.uint8),  # RGB bytes; real tiles copied in, the rest zeroed below
         "pixel_mask": np.zeros([M], bool),
     }
     t0, m0 = 0, 0

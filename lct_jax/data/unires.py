@@ -129,12 +129,21 @@ def unires_canvas(img: Image.Image, tile: int = TILE) -> Image.Image:
     return canvas
 
 
-def preprocess_image(img: Image.Image, tile: int = TILE) -> np.ndarray:
-    """UniRes: PIL image → float32[n_tiles, tile, tile, 3], CLIP-normalized, tiles in raster order."""
+def image_tiles(img: Image.Image, tile: int = TILE) -> np.ndarray:
+    """UniRes: PIL image → uint8[n_tiles, tile, tile, 3] RGB tiles in raster order (not yet normalized).
+
+    The loaders ship these bytes and the model normalizes on device (:func:`lct_jax.model.longva.normalize_pixels`):
+    a quarter of the host memory, worker IPC and host→device traffic of float32 tiles.
+    """
     canvas = np.asarray(unires_canvas(img, tile))  # uint8[H, W, 3]
     ch, cw = canvas.shape[:2]
     tiles = canvas.reshape(ch // tile, tile, cw // tile, tile, 3).transpose(0, 2, 1, 3, 4)  # [b, a, t, t, 3]
-    return normalize(tiles.reshape(-1, tile, tile, 3))
+    return np.ascontiguousarray(tiles.reshape(-1, tile, tile, 3))
+
+
+def preprocess_image(img: Image.Image, tile: int = TILE) -> np.ndarray:
+    """UniRes: PIL image → float32[n_tiles, tile, tile, 3], CLIP-normalized, tiles in raster order."""
+    return normalize(image_tiles(img, tile))
 
 
 # ----------------------------------------------------------------------------------------------------------- video
@@ -186,8 +195,9 @@ def resize_center_crop(img: Image.Image, size: int = TILE) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess_frames(frames: Sequence[Image.Image] | np.ndarray, tile: int = TILE) -> np.ndarray:
-    """Video frames (PIL images, or uint8[F, H, W, 3]) → float32[F, tile, tile, 3], CLIP-normalized."""
+def frame_tiles(frames: Sequence[Image.Image] | np.ndarray, tile: int = TILE) -> np.ndarray:
+    """Video frames (PIL images, or uint8[F, H, W, 3]) → uint8[F, tile, tile, 3]: shortest edge resize + center
+    crop (not yet normalized; see :func:`image_tiles`)."""
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(
@@ -196,7 +206,12 @@ def preprocess_frames(frames: Sequence[Image.Image] | np.ndarray, tile: int = TI
         frames = [Image.fromarray(f) for f in frames]
     if len(frames) == 0:
         raise ValueError("no frames to preprocess")
-    return normalize(np.stack([np.asarray(resize_center_crop(f, tile)) for f in frames]))
+    return np.stack([np.asarray(resize_center_crop(f, tile)) for f in frames])
+
+
+def preprocess_frames(frames: Sequence[Image.Image] | np.ndarray, tile: int = TILE) -> np.ndarray:
+    """Video frames (PIL images, or uint8[F, H, W, 3]) → float32[F, tile, tile, 3], CLIP-normalized."""
+    return normalize(frame_tiles(frames, tile))
 
 
 # ----------------------------------------------------------------------------------------------- safe image loading

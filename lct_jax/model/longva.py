@@ -6,7 +6,9 @@ V visual tokens per row (M · tokens_per_tile).
 Batch fields (the cross-team schema; every shape static under jit):
 
 - ``inputs`` int32[B, T]: token ids; visual slots hold ``IMAGE_TOKEN`` (-200), never embedded.
-- ``pixels`` float32[B, M, S, S, 3]: CLIP-normalized tiles (UniRes crops) and video frames of each row, NHWC.
+- ``pixels`` uint8[B, M, S, S, 3]: RGB tiles (UniRes crops) and video frames of each row, NHWC, as the loaders
+  ship them; CLIP normalization happens here, on device (:func:`normalize_pixels`). Float pixels are taken as
+  already normalized (e.g. from :func:`lct_jax.data.unires.preprocess_image`).
 - ``pixel_mask`` bool[B, M]: real tiles. Unused tiles are encoded (static shapes) but their pixels are zeroed
   first (no NaN can leak from padding) and their tokens are zeroed after.
 - ``visual_index`` int32[B, T]: for each token, its index into the row's flattened visual tokens
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lct_jax.data.unires import CLIP_MEAN, CLIP_STD
 from lct_jax.model import clip as clip_lib
 from lct_jax.model import qwen2 as qwen2_lib
 from lct_jax.model.clip import CLIPConfig, CLIPVisionTower
@@ -98,6 +101,13 @@ PRESETS: dict[str, LongVAConfig] = {
 }
 
 
+def normalize_pixels(pixels: jax.Array) -> jax.Array:
+    """uint8[..., 3] RGB → float32 CLIP-normalized, ``(x / 255 − mean) / std``: the same fp32 formula as the host's
+    :func:`lct_jax.data.unires.normalize`, evaluated on device so loaders move bytes, not floats."""
+    x = pixels.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
 class LongVA(nnx.Module):
     """``model(inputs, pixels=..., pixel_mask=..., visual_index=...) -> (logits float32[B, T, V], intermediates)``.
 
@@ -128,9 +138,12 @@ class LongVA(nnx.Module):
         return constrain(tokens, ("act_tiles", None, "act_embed"))
 
     def visual_tokens(self, pixels: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
-        """float32[B, M, S, S, 3] (+ bool[B, M]) → [B, M · tokens_per_tile, D], zeros for unused tiles."""
+        """uint8 or normalized float32 [B, M, S, S, 3] (+ bool[B, M]) → [B, M · tokens_per_tile, D], zeros for
+        unused tiles."""
         if pixels.ndim != 5:
             raise ValueError(f"pixels must be [B, M, S, S, 3], got shape {tuple(pixels.shape)}")
+        if pixels.dtype == jnp.uint8:
+            pixels = normalize_pixels(pixels)
         b, m = pixels.shape[:2]
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (b, m):

@@ -65,7 +65,8 @@ def test_plain_worked_example(root):
     assert b["positions"][0].tolist() == [0, 1, 2, 3, 0, 0]
     assert b["segment_ids"][0].tolist() == [1, 1, 1, 1, 0, 0]
     assert b["visual_index"][0].tolist() == [0, 1, -1, -1, -1, -1]
-    want = unires.preprocess_frames([unires.load_image(str(root / "sq.jpg"))], tile=TILE)
+    want = unires.frame_tiles([unires.load_image(str(root / "sq.jpg"))], tile=TILE)
+    assert b["pixels"].dtype == np.uint8  # bytes on the wire; the model normalizes on device
     np.testing.assert_array_equal(b["pixels"][0], want)
     assert b["pixel_mask"][0].tolist() == [True]
 
@@ -81,8 +82,8 @@ def test_stage2_unires_expansion_and_loss(root):
     ann = _write(root, [{"image": ["wide.png", "sq.jpg"], "conversations": conv}])
     cfg = _cfg(ann, root, max_len=160, max_tiles=6, system="S")
     (b,) = list(multimodal_dataset(cfg))
-    w = unires.preprocess_image(unires.load_image(str(root / "wide.png")), tile=TILE)
-    s = unires.preprocess_image(unires.load_image(str(root / "sq.jpg")), tile=TILE)
+    w = unires.image_tiles(unires.load_image(str(root / "wide.png")), tile=TILE)
+    s = unires.image_tiles(unires.load_image(str(root / "sq.jpg")), tile=TILE)
     assert (len(w), len(s)) == (3, 2)
     np.testing.assert_array_equal(b["pixels"][0, :5], np.concatenate([w, s]))
     assert b["pixel_mask"][0].tolist() == [True] * 5 + [False]
@@ -124,7 +125,7 @@ def test_video_frames(root):
         unires.load_image(str(root / "vid" / f"{i:03d}.png"))
         for i in unires.sample_frame_indices(5, num_frames=4)
     ]
-    np.testing.assert_array_equal(b["pixels"][0], unires.preprocess_frames(frames, tile=TILE))
+    np.testing.assert_array_equal(b["pixels"][0], unires.frame_tiles(frames, tile=TILE))
     assert (b["inputs"][0] == IMAGE_TOKEN).sum() == 4 * TPT
 
 

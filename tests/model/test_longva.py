@@ -219,3 +219,20 @@ def test_sharded_forward_equals_unsharded():
     err = np.abs(np.asarray(got) - np.asarray(want)).max()
     print(f"sharded (ring) vs unsharded max|diff| = {err:.2e}")
     assert err <= 1e-5
+
+
+def test_uint8_pixels_are_normalized_on_device_like_the_host():
+    """Loaders ship uint8 tiles; the model's on-device CLIP normalization equals the host's unires.normalize."""
+    from lct_jax.data.unires import normalize
+    from lct_jax.model.longva import normalize_pixels
+
+    every_byte = np.stack(np.meshgrid(*[np.arange(256)] * 3, indexing="ij"), -1)[::5, ::3].astype(np.uint8)
+    np.testing.assert_allclose(np.asarray(normalize_pixels(jnp.asarray(every_byte))), normalize(every_byte),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    cfg, model = tiny_model()
+    batch, _ = mixed_batch(cfg)
+    rgb = np.random.default_rng(3).integers(0, 256, batch["pixels"].shape, dtype=np.uint8)
+    got, _ = model(**{**batch, "pixels": jnp.asarray(rgb)})
+    want, _ = model(**{**batch, "pixels": jnp.asarray(normalize(rgb))})
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+    assert not np.allclose(np.asarray(got), np.asarray(model(**{**batch, "pixels": jnp.zeros_like(rgb)})[0]))
