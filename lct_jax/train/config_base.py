@@ -45,7 +45,9 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     # where the weights come from: '' = random init; else a model checkpoint dir (python -m lct_jax.convert
     # import-hf ...), a training step dir, or a previous stage's workdir (its latest checkpoint)
     c.init_from = ""
-    c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=1))  # one size may be -1 (= the rest)
+    # one size may be -1 (= the rest). 7B: 4-way tensor parallel shards the 152K-vocab head and its fp32 gradient
+    # (otherwise ~4.4 GiB per chip; benchmarks/train_step.py), the rest of the chips run the ring over 'seq'
+    c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=4 if size == "7b" else 1))
     c.model = ml_collections.ConfigDict(
         dict(
             preset=SIZES[size],  # lct_jax.model.qwen2.PRESETS key of the language model
