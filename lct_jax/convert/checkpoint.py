@@ -98,15 +98,23 @@ def save_params(path: Path, params: dict) -> None:
 
 
 def restore_params_numpy(path: Path) -> dict:
-    """Restore an Orbax params item as a nested dict of numpy arrays (no devices, no sharding)."""
+    """Restore an Orbax params item as a nested dict of numpy arrays (no devices, no sharding).
+
+    Works on a standalone item (``CKPT/params``) and on an item of a training step (``STEP/params``). The
+    item-level handler is used because a ``Checkpointer`` looks for step metadata inside the item directory and
+    warns when it is (rightly) not there.
+    """
     path = Path(path).absolute()
     if not path.exists():
         raise ConversionError(f"no Orbax params at {path}")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(path)
+        tree = meta.tree if hasattr(meta, "tree") else meta
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, restore_args=restore_args)
+        return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        handler.close()
 
 
 def save_model_checkpoint(
