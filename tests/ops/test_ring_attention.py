@@ -36,7 +36,8 @@ def make_inputs(seed, b, n, kh, dtype, segments):
     seg = np.ones((b, T), np.int32)
     if segments:
         for row in range(b):
-            cuts = np.sort(r.choice(np.arange(3, T - 3), size=2, replace=False))
+            # both cuts before the 5-token padding tail, so every document keeps at least one token
+            cuts = np.sort(r.choice(np.arange(3, T - 6), size=2, replace=False))
             seg[row, cuts[0] :] = 2
             seg[row, cuts[1] :] = 3
             seg[row, T - 5 :] = 0  # padding
