@@ -148,7 +148,8 @@ class PipelineOptions:
     num_workers: int = 0
     worker_buffer_size: int = 2
     # threads/buffer of grain's per-process record reader (None: 16/500 for text, 2/4 for images, whose decoded
-    # samples are ~16 MB each at 12 tiles, so grain's default buffer of 500 would hold ~8 GB)
+    # samples are ~4 MB of uint8 tiles each at 12 tiles and ~16 MB at 49, so grain's default buffer of 500 would
+    # hold 2-8 GB)
     read_threads: int | None = None
     read_buffer: int | None = None
     shard_index: int | None = None  # None = jax.process_index()
