@@ -345,3 +345,44 @@ def test_normalize_table_equals_formula_for_every_byte():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="uint8"):
         normalize(pixels.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "name,size,canvas,tiles,geometry",
+    [
+        # worked by hand from spec §4: the smallest-waste canvas that shows the whole image at full resolution,
+        # then (new_w, new_h, left, top): fit the tighter side, ceil the other, center
+        ("astronaut", (512, 512), (672, 672), 4, (672, 672, 0, 0)),  # 336x672 would shrink it to 336x336
+        # 672x336 would shrink coffee to 504x336. Height: the released code computes ceil(400 * (672 / 600)) in
+        # floats = ceil(448.00000000000006) = 449, not the exact 448; lct_jax reproduces the release.
+        ("coffee", (600, 400), (672, 672), 4, (672, 449, 0, 111)),
+        ("chelsea", (451, 300), (672, 336), 2, (506, 336, 83, 0)),  # ceil(451·336/300) = 506 wide
+    ],
+)
+def test_real_photos_from_scikit_image(tmp_path, name, size, canvas, tiles, geometry):
+    """Real photographs (scikit-image's bundled samples), through a JPEG file on disk like the loaders read."""
+    import skimage.data as skimage_data  # a declared test dependency: fail loudly if missing
+    path = tmp_path / f"{name}.jpg"
+    Image.fromarray(getattr(skimage_data, name)()).save(path, quality=95)
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == size
+    assert select_canvas(*size) == canvas
+    assert unires.num_visual_tokens(*size) == 144 * tiles
+    raw = unires.image_tiles(img)
+    assert raw.shape == (tiles, 336, 336, 3) and raw.dtype == np.uint8
+    out = preprocess_image(img)
+    assert out.shape == (tiles, 336, 336, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, unires.normalize(raw))
+    lo, hi = (0 - CLIP_MEAN) / CLIP_STD, (1 - CLIP_MEAN) / CLIP_STD
+    assert (out >= lo - 1e-6).all() and (out <= hi + 1e-6).all()
+    nw, nh, left, top = resize_geometry(*size, canvas)
+    assert (nw, nh, left, top) == geometry
+    full = np.concatenate(list(raw.reshape(canvas[1] // 336, canvas[0] // 336, 336, 336, 3)), axis=1)  # rows
+    full = np.concatenate(list(full), axis=1)  # [H, W, 3] canvas rebuilt from raster-order tiles
+    assert full.shape == (canvas[1], canvas[0], 3)
+    assert (full[:top] == 0).all() and (full[top + nh :] == 0).all()  # centered black padding
+    assert (full[:, :left] == 0).all() and (full[:, left + nw :] == 0).all()
+    photo = full[top : top + nh, left : left + nw].astype(np.float32)
+    assert photo.std() > 20  # a real, textured photo fills the box
+    # the box holds the photo: its mean colour matches the source's within JPEG + resampling error
+    np.testing.assert_allclose(photo.mean((0, 1)), np.asarray(img, np.float32).mean((0, 1)), atol=3.0)
