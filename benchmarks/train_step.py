@@ -33,10 +33,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from lct_jax.data.loader import global_batch
 from lct_jax.model.qwen2 import PRESETS, Qwen2  # noqa: E402
 from lct_jax.sharding import make_mesh  # noqa: E402
 from lct_jax.train.state import init_state, make_state_spec  # noqa: E402
-from lct_jax.train.step import StepConfig, jit_train_step, make_train_step, put_batch  # noqa: E402
+from lct_jax.train.step import StepConfig, jit_train_step, make_train_step  # noqa: E402
 
 GIB = 2**30
 
@@ -62,7 +63,7 @@ def jax_tokens_per_s(cfg, b, l, steps):
     bt = batch(cfg.vocab_size, b, l)
     step = jit_train_step(spec, optim(), StepConfig(loss_chunk=l), bt)
     with jax.set_mesh(mesh):
-        gb = put_batch(bt, mesh)
+        gb = global_batch(bt, mesh)
         for _ in range(2):  # compile + warm-up
             state, m = step(state, gb)
         jax.block_until_ready(state)

@@ -19,12 +19,13 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from lct_jax.data.loader import global_batch
 from lct_jax.sharding import make_mesh
 from lct_jax.train.checkpoint import Checkpointer, load_params_for_init
 from lct_jax.train.loop import LoopResult, train_loop
 from lct_jax.train.metrics import EventWriter
 from lct_jax.train.state import init_state, make_state_spec
-from lct_jax.train.step import StepConfig, jit_train_step, put_batch
+from lct_jax.train.step import StepConfig, jit_train_step
 
 log = logging.getLogger("lct_jax.train")
 
@@ -87,13 +88,20 @@ def _paths(spec: str) -> tuple[str, ...]:
 
 
 def pipeline_options(config, mesh):
-    from lct_jax.data.loader import PipelineOptions  # noqa: PLC0415
+    from lct_jax.data.loader import PipelineOptions, mesh_data_shard  # noqa: PLC0415
 
-    n = jax.process_count()
-    if config.data.batch_size % n:
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} must divide by the {n} processes")
+    # Rows are split over the mesh's 'data' axis, not over processes: hosts that share 'data' coordinates (the
+    # 'seq' axis spans them for long rows) must read the same shard and build identical rows.
+    index, count = mesh_data_shard(mesh)
+    if config.data.batch_size % count:
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} must divide by the {count} data shards "
+            f"(groups of processes along the mesh's 'data' axis)"
+        )
     return PipelineOptions(
-        batch_size=config.data.batch_size // n,
+        batch_size=config.data.batch_size // count,
+        shard_index=index,
+        shard_count=count,
         seq_shards=mesh.shape["seq"],
         shuffle=config.data.shuffle,
         seed=config.seed,
@@ -190,7 +198,7 @@ def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> Loo
                 state,
                 step_fn,
                 _prepend(first, data_iter),
-                put_batch=lambda b: put_batch(b, mesh),
+                put_batch=lambda b: global_batch(b, mesh),
                 num_steps=config.num_steps,
                 checkpointer=ckpt,
                 writer=writer,

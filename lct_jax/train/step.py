@@ -16,17 +16,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from lct_jax.sharding import logical_to_spec, mesh_axis_size
+from lct_jax.data.loader import batch_shardings
+from lct_jax.sharding import mesh_axis_size
 from lct_jax.train.loss import chunked_cross_entropy
 from lct_jax.train.optimizer import merge_params, schedules
 from lct_jax.train.state import StateSpec, TrainState
-
-TOKEN_FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "visual_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,21 +143,6 @@ def make_train_step(spec: StateSpec, optim, step_cfg: StepConfig, forward: Calla
         return new_state, metrics
 
     return train_step
-
-
-def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-    """Per-token fields [B, L] on (data, seq); everything else (pixels, pixel_mask) on data."""
-    out = {}
-    for k, v in batch.items():
-        names = ("act_batch", "act_seq") if k in TOKEN_FIELDS else ("act_batch",) + (None,) * (np.ndim(v) - 1)
-        out[k] = NamedSharding(mesh, logical_to_spec(names))
-    return out
-
-
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host numpy batch (this process's rows) -> global sharded arrays."""
-    shard = batch_shardings(batch, mesh)
-    return {k: jax.make_array_from_process_local_data(shard[k], np.asarray(v)) for k, v in batch.items()}
 
 
 def jit_train_step(spec: StateSpec, optim, step_cfg: StepConfig, batch_example: dict, forward=None):

@@ -8,13 +8,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from lct_jax.data.loader import global_batch
 from lct_jax.model.qwen2 import PRESETS, Qwen2
 from lct_jax.sharding import make_mesh
 from lct_jax.train.checkpoint import Checkpointer
 from lct_jax.train.loop import train_loop
 from lct_jax.train.metrics import EventWriter, crc32c, read_tfrecords
 from lct_jax.train.state import init_state, make_state_spec
-from lct_jax.train.step import StepConfig, jit_train_step, put_batch
+from lct_jax.train.step import StepConfig, jit_train_step
 
 CFG = PRESETS["tiny"].replace(dtype="float32", num_layers=1)
 OPTIM = ml_collections.ConfigDict(
@@ -71,7 +72,7 @@ def _run(spec, state, step, it, n, ckpt=None, writer=None):
             state,
             step,
             it,
-            put_batch=lambda b: put_batch(b, spec.mesh),
+            put_batch=lambda b: global_batch(b, spec.mesh),
             num_steps=n,
             checkpointer=ckpt,
             writer=writer,

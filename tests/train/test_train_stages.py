@@ -6,13 +6,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lct_jax.data.loader import zigzag_batch
+from lct_jax.data.loader import global_batch, zigzag_batch
 from lct_jax.model.qwen2 import PRESETS, Qwen2
 from lct_jax.sharding import make_mesh
 from lct_jax.train.optimizer import group_labels
 from lct_jax.train.run import build_model, load_config
 from lct_jax.train.state import init_state, make_state_spec
-from lct_jax.train.step import StepConfig, jit_train_step, make_loss_and_grads, put_batch
+from lct_jax.train.step import StepConfig, jit_train_step, make_loss_and_grads
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IMAGE_TOKEN = -200
@@ -61,7 +61,7 @@ def _stage_run(config_name, steps=2, **optim_overrides):
     losses = []
     with jax.set_mesh(mesh):
         for _ in range(steps):
-            state, m = step(state, put_batch(batch, mesh))
+            state, m = step(state, global_batch(batch, mesh))
             losses.append(float(m["loss"]))
     return config, before, _flat(state.all_params()), losses, state
 
@@ -127,7 +127,7 @@ def test_ring_attention_step_equals_dense_step():
         state = init_state(spec, mk, config.optim, seed=0)
         fn = jax.jit(make_loss_and_grads(spec, StepConfig(loss_chunk=8)))
         with jax.set_mesh(mesh):
-            loss, _, grads = fn(state, put_batch(bt, mesh))
+            loss, _, grads = fn(state, global_batch(bt, mesh))
         out[name] = (float(loss), _flat(grads))
     diff = max(np.abs(out["ring"][1][k] - out["dense"][1][k]).max() for k in out["dense"][1])
     print(f"ring vs dense: loss {out['ring'][0]:.7f} vs {out['dense'][0]:.7f}, max grad diff {diff:.2e}")

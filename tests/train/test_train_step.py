@@ -7,11 +7,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lct_jax.data.loader import global_batch
 from lct_jax.model.qwen2 import PRESETS, Qwen2
 from lct_jax.sharding import make_mesh
 from lct_jax.train.loss import token_losses
 from lct_jax.train.state import init_state, make_state_spec
-from lct_jax.train.step import StepConfig, jit_train_step, put_batch
+from lct_jax.train.step import StepConfig, jit_train_step
 
 CFG = PRESETS["tiny"].replace(dtype="float32", num_layers=1)
 
@@ -63,7 +64,7 @@ def test_step_matches_reference_adamw_and_accumulation():
         with jax.set_mesh(mesh):
             losses = []
             for _ in range(3):
-                state, m = step(state, put_batch(batch, mesh))
+                state, m = step(state, global_batch(batch, mesh))
                 losses.append(float(m["loss"]))
             assert step._cache_size() == 1  # step 2 and 3 reuse step 1's executable
         results[a] = (losses, _np(state.params))
@@ -119,11 +120,11 @@ def test_nonfinite_step_is_skipped_and_counted():
     bad["loss_mask"][0, 3] = np.nan
     with jax.set_mesh(mesh):
         before = _np((state.params, state.opt_state))
-        state, m = step(state, put_batch(bad, mesh))
+        state, m = step(state, global_batch(bad, mesh))
         assert not bool(m["finite"]) and int(state.nonfinite) == 1 and int(state.step) == 1
         after = _np((state.params, state.opt_state))
         for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
             np.testing.assert_array_equal(x, y)  # bit-for-bit: no update at all
-        state, m = step(state, put_batch(batch, mesh))
+        state, m = step(state, global_batch(batch, mesh))
         assert bool(m["finite"]) and int(state.nonfinite) == 1 and int(state.step) == 2
         assert np.isfinite(float(m["loss"]))
