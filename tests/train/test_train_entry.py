@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lct_jax.train.metrics import read_scalars
+from lct_jax.testing.events import event_files, read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def _env():
 
 def _losses(workdir: Path) -> dict[int, float]:
     out = {}
-    for f in sorted((workdir / "tb").glob("events.out.tfevents.*")):
+    for f in event_files(workdir / "tb"):
         out.update(read_scalars(f).get("loss", {}))
     return out
 
@@ -82,7 +82,7 @@ def test_kill9_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
     resumed_from = int(out.stdout.split("resumed from ")[1].split("(step ")[1].split(")")[0])
     assert resumed_from == max(saved) and resumed_from >= 8
     # losses logged by the second launch (newest event file) = the uninterrupted run's, step for step
-    newest = sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=os.path.getmtime)[-1]
+    newest = event_files(run_dir / "tb")[-1]
     after = read_scalars(newest)["loss"]
     assert sorted(after) == list(range(resumed_from + 1, steps + 1))
     diff = max(abs(after[s] - ref[s]) for s in after)
