@@ -158,6 +158,7 @@ def _declared_duration(container, stream) -> float | None:
 class _File(Video):
     times: np.ndarray = None  # float64[F] presentation times, first frame at 0
     tolerance: float = 1e-9
+    stream_index: int = 0
 
     def _times(self):
         return self.times, self.tolerance
@@ -172,10 +173,11 @@ class _File(Video):
                 "check the file (ffprobe) or re-encode it, e.g. to mp4/h264"
             ) from e
         with container:
-            if not container.streams.video:
-                raise BadVideoError(f"{path}: no video stream in this file (streams: "
-                                    f"{[s.type for s in container.streams]})")  # fmt: skip
-            stream = container.streams.video[0]
+            # FFmpeg's choice of video stream: skips cover pictures, prefers the largest
+            stream = container.streams.best("video")
+            if stream is None:
+                kinds = [s.type for s in container.streams]
+                raise BadVideoError(f"{path}: no video stream in this file (streams: {kinds})")
             tb = float(stream.time_base) if stream.time_base else 0.0
             stamps = []
             try:
@@ -220,7 +222,7 @@ class _File(Video):
                     "re-download or re-encode the file"
                 )
             size = (stream.codec_context.width, stream.codec_context.height)
-            return cls(path, n, fps, size, times=times, tolerance=tb / 2 + 1e-9)
+            return cls(path, n, fps, size, times=times, tolerance=tb / 2 + 1e-9, stream_index=stream.index)
 
     def _decode(self, indices):
         want = iter(indices)
@@ -228,7 +230,7 @@ class _File(Video):
         k = -1
         try:
             with av.open(self.source) as container:
-                stream = container.streams.video[0]
+                stream = container.streams[self.stream_index]
                 stream.thread_type = "AUTO"
                 for frame in container.decode(stream):
                     if nxt is None:

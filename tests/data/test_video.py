@@ -73,6 +73,23 @@ def test_each_container_decodes_at_1fps_to_the_right_frames(tmp_path, ext, codec
     assert markers(v, uniform) == [0, 23, 47, 70, 94]
 
 
+def test_the_main_video_stream_is_read_not_a_cover_picture(tmp_path):
+    path = str(tmp_path / "cover.mkv")
+    with av.open(path, "w") as c:
+        cover = c.add_stream("mjpeg", rate=1)  # a one-frame still stored first, as taggers add album art
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        movie = c.add_stream("libx264", rate=30)
+        movie.width, movie.height, movie.pix_fmt = W, H, "yuv420p"
+        still = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+        frames = [av.VideoFrame.from_ndarray(marker(k), format="rgb24") for k in range(40)]
+        for p in [*cover.encode(still), *cover.encode()] + [
+            q for f in [*frames, None] for q in movie.encode(f)
+        ]:
+            c.mux(p)
+    v = probe(path)
+    assert (v.num_frames, v.size) == (40, (W, H)) and markers(v, v.sample(fps=1)) == [0, 30]
+
+
 def test_29_97_fps_follows_real_time(tmp_path):
     rate = fractions.Fraction(30000, 1001)
     v = probe(write_video(tmp_path / "ntsc.mp4", [marker(k) for k in range(100)], fps=rate))  # 3.34 s
