@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -134,7 +135,9 @@ class GridRun:
     ) -> dict:
         """Score every missing (x, depth) cell with ``score_cell(x, depth) -> {"score": ..., ...}`` (x outermost:
         one compile per x), then write the heatmap and the events; returns the results dict."""
-        writer = EventWriter(self.out / EVENTS)
+        # every process keeps its own results.json (identical; all must agree on what is left to score), one
+        # process writes the events and the heatmap
+        writer = EventWriter(self.out / EVENTS) if jax.process_index() == 0 else None
         done = self.done()
         todo = [(x, d) for x in xs for d in depths if (x, d) not in done]
         bar = tqdm(total=len(xs) * len(depths), initial=len(xs) * len(depths) - len(todo), disable=not progress,
@@ -143,10 +146,11 @@ class GridRun:
             for x, d in todo:
                 cell = {self.x_name: x, "depth": d, **score_cell(x, d)}
                 self.add(cell)
-                writer.scalars(x, {f"{self.task}/{_depth_tag(d)}": cell["score"]})
                 column = self.table([x], depths)
-                if not np.isnan(column).any():
-                    writer.scalars(x, {f"{self.task}/mean_over_depths": float(column.mean())})
+                if writer is not None:
+                    writer.scalars(x, {f"{self.task}/{_depth_tag(d)}": cell["score"]})
+                    if not np.isnan(column).any():
+                        writer.scalars(x, {f"{self.task}/mean_over_depths": float(column.mean())})
                 bar.update(1)
                 bar.set_postfix({self.x_name: x, "depth": d, "score": f"{cell['score']:.2f}"})
         finally:
@@ -155,11 +159,12 @@ class GridRun:
         self.results["complete"] = True
         self.results["mean"] = float(grid.mean())
         self._save()
-        png = heatmap_png(grid, xs, depths, title=f"{title}, mean {grid.mean():.3f}", x_label=x_label)
-        (self.out / HEATMAP).write_bytes(png)
-        writer.scalars(0, {f"{self.task}/mean": self.results["mean"]})
-        writer.images(0, {f"{self.task}/heatmap": png_to_rgb(png)})
-        writer.close()
+        if writer is not None:
+            png = heatmap_png(grid, xs, depths, title=f"{title}, mean {grid.mean():.3f}", x_label=x_label)
+            (self.out / HEATMAP).write_bytes(png)
+            writer.scalars(0, {f"{self.task}/mean": self.results["mean"]})
+            writer.images(0, {f"{self.task}/heatmap": png_to_rgb(png)})
+            writer.close()
         return self.results
 
 

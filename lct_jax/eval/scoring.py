@@ -283,7 +283,7 @@ def device_inputs(layout: Layout, length: int, num_answer: int, mesh: Mesh, dim:
     out = [
         jax.make_array_from_callback((1, length), tok, lambda i: ids_zz[i]),
         jax.make_array_from_callback((1, length), tok, lambda i: pos_zz[i]),
-        jax.device_put(score_at, rep),
+        jax.make_array_from_callback((num_answer,), rep, lambda i: score_at[i]),
     ]
     if layout.num_frames == 0:
         return (*out, None)
