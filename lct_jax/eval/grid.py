@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lct_jax.eval.loading import EvalError
+from lct_jax.eval.cli import EvalError
 from lct_jax.train.metrics import EventWriter
 
 FORMAT = "lct_jax.niah/1"

@@ -28,12 +28,8 @@ from lct_jax.convert.checkpoint import (
     tokenizer_files_near,
 )
 from lct_jax.data.tokenizer import load_tokenizer
+from lct_jax.eval.cli import EvalError, add_distributed_flag
 from lct_jax.sharding import make_mesh, state_shardings
-
-
-class EvalError(ValueError):
-    """A user-caused evaluation failure (bad flag, missing or mismatched file); the CLI prints it as one line."""
-
 
 PARAM_DTYPES = ("float32", "bfloat16")
 
@@ -132,7 +128,7 @@ def resolve_tokenizer(name_or_path: str | None, checkpoint: str | os.PathLike):
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags V-NIAH and text NIAH share: tokenizer, mesh, dtypes, bucketing, progress."""
+    """Flags V-NIAH and text NIAH share: tokenizer, mesh, dtypes, bucketing, progress, pod start."""
     p.add_argument(
         "--tokenizer", default=None, help="byte | qwen | PATH to tokenizer.json (default: the checkpoint's)"
     )
@@ -143,6 +139,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype override (default: the checkpoint config's)")
     p.add_argument("--bucket", type=int, default=1, help="pad sequences to a multiple of this many tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_flag(p)
 
 
 def mesh_from_args(args) -> Mesh:

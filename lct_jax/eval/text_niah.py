@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,9 +41,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lct_jax.convert.checkpoint import config_to_dict
+from lct_jax.eval.cli import EvalError, start_distributed
 from lct_jax.eval.grid import GridRun, parse_grid
 from lct_jax.eval.loading import (
-    EvalError,
     EvalModel,
     add_model_arguments,
     load_eval_model,
@@ -276,26 +275,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        results = run_text_niah(
-            args.ckpt,
-            args.out,
-            lengths=parse_grid(args.lengths, int),
-            depths=parse_grid(args.depths),
-            samples=args.samples,
-            distractors=args.distractors,
-            filler=args.filler,
-            seed=args.seed,
-            tokenizer=args.tokenizer,
-            mesh=mesh_from_args(args),
-            param_dtype=args.param_dtype,
-            dtype=args.dtype,
-            bucket=args.bucket,
-            progress=not args.no_progress,
-        )
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start_distributed(args.distributed)
+    results = run_text_niah(
+        args.ckpt,
+        args.out,
+        lengths=parse_grid(args.lengths, int),
+        depths=parse_grid(args.depths),
+        samples=args.samples,
+        distractors=args.distractors,
+        filler=args.filler,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        mesh=mesh_from_args(args),
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        bucket=args.bucket,
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     print(f"text NIAH mean {results['mean']:.3f} over {len(results['cells'])} cells")
     print(f"results  {out / 'results.json'}\nheatmap  {out / 'heatmap.png'}\nevents   {out / 'tb'}")

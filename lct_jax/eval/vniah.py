@@ -40,29 +40,28 @@ Library use (issue 10 style)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from jax.sharding import Mesh
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lct_jax.convert.checkpoint import config_to_dict
 from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, encode_qwen_1_5
+from lct_jax.data.unires import load_image
+from lct_jax.eval.cli import EvalError, start_distributed
 from lct_jax.eval.encode import FrameEncoder, letterbox
 from lct_jax.eval.grid import GridRun, parse_grid
 from lct_jax.eval.loading import (
-    EvalError,
     EvalModel,
     add_model_arguments,
     load_eval_model,
     mesh_from_args,
     resolve_tokenizer,
 )
+from lct_jax.eval.needles import Needle, load_needles
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
 from lct_jax.eval.store import EmbeddingStore, StoreError
 from lct_jax.model.longva import IMAGE_TOKEN
@@ -72,56 +71,17 @@ DEFAULT_FRAMES = "200:3000:200"
 DEFAULT_DEPTHS = "0:1:0.2"
 
 
-@dataclasses.dataclass(frozen=True)
-class Needle:
-    """One needle: an image (a path, a PIL image or uint8[H, W, 3]), a question about it and its short answer."""
-
-    image: object
-    question: str
-    answer: str
-
-
-def load_needles(path: str | os.PathLike) -> list[Needle]:
-    """A JSON list of ``{"image": path relative to the file, "question": ..., "answer": ...}``."""
-    path = Path(path)
-    try:
-        items = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvalError(f"--needles {path}: cannot read it as JSON ({e})") from e
-    if not isinstance(items, list) or not items:
-        raise EvalError(f"--needles {path}: expected a non-empty JSON list of {{image, question, answer}}")
-    needles = []
-    for i, it in enumerate(items):
-        if not isinstance(it, dict) or not all(
-            isinstance(it.get(k), str) and it[k] for k in ("image", "question", "answer")
-        ):
-            raise EvalError(
-                f"--needles {path}: item {i} must have non-empty string image, question and answer"
-            )
-        image = path.parent / it["image"]
-        if not image.is_file():
-            raise EvalError(f"--needles {path}: item {i}'s image {image} does not exist")
-        needles.append(Needle(str(image), it["question"], it["answer"]))
-    return needles
-
-
-def _needle_image(needle: Needle, tile: int) -> np.ndarray:
-    img = needle.image
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    elif not isinstance(img, Image.Image):
-        try:
-            with Image.open(img) as f:
-                img = f.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise EvalError(f"needle image {img}: cannot read it ({e})") from e
-    return letterbox(img, tile)
+def _needle_pixels(needle: Needle, tile: int) -> np.ndarray:
+    image = needle.image
+    if isinstance(image, np.ndarray):  # library callers may pass pixels instead of a path
+        image = Image.fromarray(image)
+    return letterbox(image if isinstance(image, Image.Image) else load_image(image), tile)
 
 
 def encode_needles(model, needles: Sequence[Needle], mesh: Mesh) -> np.ndarray:
     """[K, P, D] visual tokens of the needle images, encoded as the haystack frames are (letterbox, tower,
     projector, 2x2 pool)."""
-    frames = np.stack([_needle_image(n, model.cfg.tile) for n in needles])
+    frames = np.stack([_needle_pixels(n, model.cfg.tile) for n in needles])
     ways = mesh.shape["data"] * mesh.shape["seq"]
     return FrameEncoder(model, batch_size=ways, mesh=mesh)(frames)
 
@@ -325,26 +285,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        results = run_vniah(
-            args.ckpt,
-            args.haystack,
-            args.needles,
-            args.out,
-            frames=parse_grid(args.frames, int),
-            depths=parse_grid(args.depths),
-            system=args.system,
-            tokenizer=args.tokenizer,
-            mesh=mesh_from_args(args),
-            param_dtype=args.param_dtype,
-            dtype=args.dtype,
-            bucket=args.bucket,
-            allow_other_checkpoint=args.allow_other_checkpoint,
-            progress=not args.no_progress,
-        )
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start_distributed(args.distributed)
+    results = run_vniah(
+        args.ckpt,
+        args.haystack,
+        args.needles,
+        args.out,
+        frames=parse_grid(args.frames, int),
+        depths=parse_grid(args.depths),
+        system=args.system,
+        tokenizer=args.tokenizer,
+        mesh=mesh_from_args(args),
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        bucket=args.bucket,
+        allow_other_checkpoint=args.allow_other_checkpoint,
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     print(f"V-NIAH mean {results['mean']:.3f} over {len(results['cells'])} cells")
     print(f"results  {out / 'results.json'}\nheatmap  {out / 'heatmap.png'}\nevents   {out / 'tb'}")

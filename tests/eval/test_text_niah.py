@@ -1,7 +1,6 @@
 """Text NIAH: the worked layout, the period snap, predictions equal transformers on an imported HF checkpoint (8-device
 ring), LongVA checkpoints score through their LM, one-line errors."""
 
-import argparse
 import re
 
 import numpy as np
@@ -12,6 +11,7 @@ from lct_jax.convert.__main__ import import_hf
 from lct_jax.convert.checkpoint import restore_params_numpy, save_model_checkpoint
 from lct_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 from lct_jax.eval import text_niah as tn
+from lct_jax.eval.__main__ import main as eval_main
 from lct_jax.model.longva import PRESETS
 from lct_jax.sharding import make_mesh
 
@@ -89,9 +89,7 @@ def test_longva_checkpoint_scores_through_its_lm(tiny_vniah, tmp_path):
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser()
-    tn.add_arguments(p)
-    return tn.run(p.parse_args(argv))
+    return eval_main(["text-niah", *argv])
 
 
 def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):

@@ -1,10 +1,10 @@
 """V-NIAH: the worked token layout, the prompt equals the stage-2 template, needle placement, results/heatmap/events,
 resume after an interruption, and one-line errors."""
 
-import argparse
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,11 +12,15 @@ from PIL import Image
 from lct_jax.data.templates import encode_qwen_1_5
 from lct_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 from lct_jax.eval import vniah
+from lct_jax.eval.__main__ import main as eval_main
+from lct_jax.eval.cli import EvalError
 from lct_jax.eval.grid import GridRun
+from lct_jax.eval.needles import Needle
 from lct_jax.eval.scoring import padded_length
 from lct_jax.eval.store import EmbeddingStore
 from lct_jax.model.longva import IMAGE_TOKEN
 from lct_jax.ops.zigzag import zigzag_permutation
+from lct_jax.sharding import make_mesh
 from lct_jax.testing.events import read_images, read_scalars
 
 
@@ -37,9 +41,7 @@ def test_worked_example_layout():
     """The module docstring's example, literally."""
     tok = ByteTokenizer()
     hay = FakeHaystack(2)
-    lay = vniah.cell_layout(
-        tok, vniah.Needle(None, "Q?", "ab"), np.full((4, 3), -1.0), hay, 2, 0.5, system="Hi."
-    )
+    lay = vniah.cell_layout(tok, Needle(None, "Q?", "ab"), np.full((4, 3), -1.0), hay, 2, 0.5, system="Hi.")
     enc = lambda s: tok.encode(s)  # noqa: E731
     head = enc("<|im_start|>system\nHi.<|im_end|>\n<|im_start|>user\n")
     tail = enc("\nQ?<|im_end|>\n<|im_start|>assistant\n")
@@ -71,16 +73,14 @@ def test_prompt_equals_the_stage2_template_and_spec_text():
             before, tok.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
         )
         np.testing.assert_array_equal(after, tok.encode(f"\n{question}<|im_end|>\n<|im_start|>assistant\n"))
-    with pytest.raises(vniah.EvalError, match="must not contain <image>"):
+    with pytest.raises(EvalError, match="must not contain <image>"):
         vniah.prompt_ids(tok, "<image> again?")
 
 
 @pytest.mark.parametrize("depth, k", [(0.0, 0), (0.2, 1), (0.6, 3), (1.0, 5)])
 def test_needle_goes_in_at_int_depth_times_n(depth, k):
     hay = FakeHaystack(5)
-    lay = vniah.cell_layout(
-        ByteTokenizer(), vniah.Needle(None, "Q?", "a"), np.full((4, 3), -1.0), hay, 5, depth
-    )
+    lay = vniah.cell_layout(ByteTokenizer(), Needle(None, "Q?", "a"), np.full((4, 3), -1.0), hay, 5, depth)
     v0, v1 = lay.visual_slots
     per_frame = lay.visual(v0, v1, 3, np.float32)[::4, 0]  # one value per frame
     want = [1, 2, 3, 4, 5]
@@ -90,7 +90,10 @@ def test_needle_goes_in_at_int_depth_times_n(depth, k):
 
 
 def _run(tiny, out, **kw):
-    kw = {"frames": [4, 8], "depths": [0.0, 0.5, 1.0], "tokenizer": "byte", "progress": False, **kw}
+    # one device and a 128-token bucket: both frame counts share one compile (the ring is tested in test_scoring)
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    kw = {"frames": [4, 8], "depths": [0.0, 0.5, 1.0], "tokenizer": "byte", "mesh": one, "bucket": 128,
+          "progress": False, **kw}  # fmt: skip
     return vniah.run_vniah(tiny["ckpt"], tiny["haystack"], tiny["needles"], out, **kw)
 
 
@@ -106,6 +109,7 @@ def test_results_heatmap_events_and_resume_after_interruption(tiny_vniah, tmp_pa
         for s in c["samples"]:
             assert s["correct"] == (s["predicted"] == s["expected"])
             assert s["expected_text"] in ("red", "blue") and len(s["predicted"]) == len(s["expected"])
+            assert s["padded_length"] == 128
     assert full["config"]["checkpoint"] == str(tiny_vniah["ckpt"]) and full["config"]["system"]
     assert np.isclose(full["mean"], np.mean([c["score"] for c in full["cells"]]))
     png = Image.open(tmp_path / "full" / "heatmap.png")
@@ -141,7 +145,7 @@ def test_results_heatmap_events_and_resume_after_interruption(tiny_vniah, tmp_pa
         tmp_path / "full" / "results.json"
     ).read_text()
     # a different run into the same directory is refused, naming the difference
-    with pytest.raises(vniah.EvalError, match="different vniah run \\(depths"):
+    with pytest.raises(EvalError, match="different vniah run \\(depths"):
         _run(tiny_vniah, tmp_path / "resumed", depths=[0.0, 1.0])
 
 
@@ -149,9 +153,7 @@ CELL_LAYOUT = vniah.cell_layout
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser()
-    vniah.add_arguments(p)
-    return vniah.run(p.parse_args(argv))
+    return eval_main(["vniah", *argv])
 
 
 def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):
@@ -179,7 +181,7 @@ def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):
         (["--ckpt", str(tmp_path / "nope")], "no 'params' there"),
         (["--haystack", str(tmp_path)], "is not an embedding store"),
         (["--haystack", str(other)], "was encoded by checkpoint /elsewhere/checkpoints/7"),
-        (["--needles", str(bad)], "item 0 must have non-empty string image, question and answer"),
+        (["--needles", str(bad)], "entry 0 needs non-empty strings image, question, answer"),
         (["--frames", "4:40:4"], "must lie in 1..12"),
         (["--depths", "0,1.5"], "must lie in \\[0, 1\\]"),
         (["--frames", "a:b"], "expected MIN:MAX:STEP"),
