@@ -5,8 +5,9 @@ with one ``<image>`` placeholder per image or video. Per record (:class:`Prepare
 
 1. the template (``qwen_1_5`` or ``plain``) gives ids with one ``IMAGE_TOKEN`` per placeholder and the label mask;
 2. each image goes through UniRes (``image_tiles``: 1..49 tiles) or, with ``image_mode='crop'`` (stage 1),
-   one shortest-edge-resize + center crop; a video (a directory of frame images) through ``sample_frame_indices``
-   and ``frame_tiles``. Tiles stay uint8 RGB: the model applies the CLIP normalization on device;
+   one shortest-edge-resize + center crop; a video (a file or a directory of frame images, see
+   :mod:`lct_jax.data.video`) through ``sample_frame_indices`` (``num_frames`` spread uniformly) and
+   ``frame_tiles``. Tiles stay uint8 RGB: the model applies the CLIP normalization on device;
 3. placeholder k is expanded into ``tiles_k * tokens_per_tile`` slots holding ``IMAGE_TOKEN`` (never trained);
    ``visual_index`` numbers them into the sample's flattened visual tokens ``[tiles * tokens_per_tile]``.
 
@@ -24,7 +25,7 @@ Worked example (byte tokenizer, tile 28, 2 tokens per tile, plain template, imag
     segment    1  1  1  1  0  0
     visual_ix  0  1 -1 -1 -1 -1
 
-Bad records are skipped and counted (``missing_image``, ``bad_image``, ``no_assistant_turn``,
+Bad records are skipped and counted (``missing_image``, ``bad_image``, ``bad_video``, ``no_assistant_turn``,
 ``bad_conversation``, ``placeholder_mismatch``, ``too_long``, ``too_many_tiles``, ``bad_record``).
 """
 
@@ -42,8 +43,6 @@ from lct_jax.data.skips import BadRecord, next_record, skip_or_raise, zero_skips
 from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_TOKEN, encode_plain, encode_qwen_1_5
 from lct_jax.data.text import JsonlSource
 from lct_jax.data.tokenizer import load_tokenizer
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +109,17 @@ class PrepareSample:
             raise BadRecord("bad_image", f"{path}: {e}") from e
 
     def _video(self, path: str) -> np.ndarray:
-        from lct_jax.data import unires
+        from lct_jax.data import unires, video  # video brings PyAV: only records with a video need it
 
-        if not os.path.isdir(path):
-            raise BadRecord("missing_image", f"video {path}: not a directory of frame images")
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise BadRecord("missing_image", f"video {path}: no frame images")
-        idx = unires.sample_frame_indices(len(files), num_frames=min(self.cfg.num_frames, len(files)))
+        if not os.path.exists(path):
+            raise BadRecord("missing_image", f"video {path}: no such file or directory")
         try:
-            frames = [unires.load_image(os.path.join(path, files[int(i)])) for i in idx]
-            return unires.frame_tiles(frames, tile=self.cfg.tile)
-        except Exception as e:  # noqa: BLE001
-            raise BadRecord("bad_image", f"video {path}: {e}") from e
+            v = video.probe(path)
+            idx = v.sample(num_frames=min(self.cfg.num_frames, v.num_frames))
+            # each frame becomes its tile as it streams by: never more than one full-size frame held
+            return np.concatenate([unires.frame_tiles([img], tile=self.cfg.tile) for _, img in v.frames(idx)])
+        except video.BadVideoError as e:  # unreadable, zero-frame, truncated, a bad frame image
+            raise BadRecord("bad_video", str(e)) from e
 
     def prepare(self, rec) -> dict[str, np.ndarray]:
         cfg = self.cfg

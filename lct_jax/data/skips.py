@@ -25,6 +25,7 @@ SKIP_REASONS = (
     "too_long",
     "too_many_tiles",
     "bad_record",
+    "bad_video",  # a video file or frame directory that cannot be read (not a video, no frames, truncated)
 )
 
 

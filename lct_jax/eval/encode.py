@@ -10,13 +10,16 @@ evaluation letterboxes so that nothing at a frame's edge is cut away.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from lct_jax.data.unires import CLIP_MEAN, resize_center_crop, to_rgb
+from lct_jax.clip_constants import CLIP_MEAN
+from lct_jax.data.unires import resize_center_crop, to_rgb
 from lct_jax.model.longva import LongVA, normalize_pixels
 from lct_jax.sharding import logical_to_spec
 
@@ -39,14 +42,22 @@ def letterbox(img: Image.Image, tile: int) -> np.ndarray:
 class FrameEncoder:
     """``encoder(frames uint8[N, S, S, 3]) -> [N, P, D]`` (numpy, the model's compute dtype), in batches of a fixed
     size so the tower compiles once; the last batch is padded and trimmed. With a ``mesh``, the frames of a batch
-    are spread over its ``data`` x ``seq`` devices (``batch_size`` must divide by them)."""
+    are spread over its ``data`` x ``seq`` devices (``batch_size`` must divide by them).
+
+    Only the tower and the projector go to the devices, once (replicated over the mesh, or on the first local
+    device): the language model's params stay where the model was loaded (for LongVA-7B, load it on the host CPU
+    with ``jax.default_device``) and are never transferred, so a 15 GB LM does not have to fit next to the tower.
+    """
 
     def __init__(self, model: LongVA, *, batch_size: int, mesh: Mesh | None = None):
         if batch_size < 1:
             raise ValueError(f"{batch_size=} must be >= 1")
         self.batch_size = batch_size
         self.tile = model.cfg.tile
-        graphdef, self._state = nnx.split(model)
+        self._mesh = mesh
+        towers = nnx.Any(nnx.PathContains("vision"), nnx.PathContains("projector"))
+        graphdef, state, rest = nnx.split(model, towers, ...)
+        rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)  # shapes only, never used
         self._sharding = None
         if mesh is not None:
             spec = logical_to_spec(("act_tiles", None, None, None))
@@ -54,9 +65,12 @@ class FrameEncoder:
             ways = mesh.shape["data"] * mesh.shape["seq"]
             if batch_size % ways:
                 raise ValueError(f"{batch_size=} must divide by the mesh's data x seq = {ways} devices")
+            self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        else:
+            self._state = jax.device_put(state, jax.local_devices()[0])
 
         def encode(state, pixels):  # uint8[B, S, S, 3] -> [B, P, D]
-            return nnx.merge(graphdef, state).encode_images(normalize_pixels(pixels))
+            return nnx.merge(graphdef, state, rest).encode_images(normalize_pixels(pixels))
 
         self._fn = jax.jit(encode)
 
@@ -70,9 +84,10 @@ class FrameEncoder:
         if pad:
             frames = np.concatenate([frames, np.zeros((pad, *frames.shape[1:]), np.uint8)])
         out = []
-        for i in range(0, len(frames), b):
-            batch = frames[i : i + b]
-            if self._sharding is not None:
-                batch = jax.device_put(batch, self._sharding)
-            out.append(np.asarray(jax.device_get(self._fn(self._state, batch))))
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            for i in range(0, len(frames), b):
+                batch = frames[i : i + b]
+                if self._sharding is not None:
+                    batch = jax.device_put(batch, self._sharding)
+                out.append(np.asarray(jax.device_get(self._fn(self._state, batch))))
         return np.concatenate(out)[:n]

@@ -55,6 +55,14 @@ def _read_json(kv: ts.KvStore, key: str) -> dict | None:
         raise StoreError(f"{kv.url}{key} is not valid JSON ({e}); delete the store and rebuild it") from e
 
 
+def _short(value, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters (a 3000-frame index list must not fill the screen)."""
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    return r[: limit - 5] + " ...]" if r.startswith("[") else r[: limit - 4] + " ..."
+
+
 def _write_json(kv: ts.KvStore, key: str, value: Mapping) -> None:
     kv.write(key, (json.dumps(value, indent=1) + "\n").encode()).result()  # one atomic object write
 
@@ -97,7 +105,9 @@ class EmbeddingStore:
         if have is not None:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
             if diff:
-                shown = ", ".join(f"{k}: {have.get(k)!r} there vs {want.get(k)!r} now" for k in diff)
+                shown = ", ".join(
+                    f"{k}: {_short(have.get(k))} there vs {_short(want.get(k))} now" for k in diff
+                )
                 raise StoreError(
                     f"{path} already holds a different embedding store ({shown}); "
                     "pass another output directory or delete that one"

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from lct_jax.data.unires import normalize
@@ -39,3 +40,21 @@ def test_frame_encoder_equals_the_model_on_one_and_eight_devices():
     with jax.set_mesh(mesh):
         sharded = FrameEncoder(model, batch_size=8, mesh=mesh)(frames)
     np.testing.assert_allclose(sharded, ref, rtol=0, atol=1e-5)
+
+
+def test_frame_encoder_never_touches_the_language_model():
+    """Only the tower and projector go to the devices: a model whose LM params are mere shapes (never loaded)
+    encodes exactly like the full model (how a 7B LM stays off the accelerator while the haystack is built)."""
+    cfg = PRESETS["tiny"].replace(dtype="float32")
+    model = LongVA(cfg, rngs=nnx.Rngs(0))
+    towers = nnx.Any(nnx.PathContains("vision"), nnx.PathContains("projector"))
+    hollow = nnx.eval_shape(lambda: LongVA(cfg, rngs=nnx.Rngs(1)))
+    nnx.update(hollow, nnx.state(model, towers))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(hollow.lm)))
+    frames = np.random.default_rng(1).integers(0, 256, (5, cfg.tile, cfg.tile, 3), dtype=np.uint8)
+    mesh = make_mesh(8, 1, 1)
+    encoder = FrameEncoder(hollow, batch_size=8, mesh=mesh)
+    np.testing.assert_array_equal(encoder(frames), FrameEncoder(model, batch_size=8, mesh=mesh)(frames))
+    # the towers were put on the mesh once, replicated (not re-sent with every batch)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(encoder._state))
