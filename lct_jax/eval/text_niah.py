@@ -194,6 +194,8 @@ def run_text_niah(
     mesh: Mesh | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    attention: str | None = None,
+    ring_kernel: str | None = None,
     bucket: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -204,8 +206,9 @@ def run_text_niah(
     tokenizer, ~60 with Qwen's); the other arguments as in :func:`lct_jax.eval.vniah.run_vniah`."""
     mesh = make_mesh(1, -1, 1) if mesh is None else mesh
     if not isinstance(model, EvalModel):
-        overrides = {"dtype": dtype} if dtype else {}
-        model = load_eval_model(model, mesh, param_dtype=param_dtype, **overrides)
+        model = load_eval_model(
+            model, mesh, param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel
+        )
     tok = (
         resolve_tokenizer(tokenizer, model.checkpoint)
         if tokenizer is None or isinstance(tokenizer, str)
@@ -289,6 +292,8 @@ def run(args) -> int:
         mesh=mesh_from_args(args),
         param_dtype=args.param_dtype,
         dtype=args.dtype,
+        attention=args.attention,
+        ring_kernel=args.ring_kernel,
         bucket=args.bucket,
         progress=not args.no_progress,
     )

@@ -188,6 +188,8 @@ def run_vniah(
     mesh: Mesh | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    attention: str | None = None,
+    ring_kernel: str | None = None,
     bucket: int = 1,
     allow_other_checkpoint: bool = False,
     progress: bool = True,
@@ -197,7 +199,9 @@ def run_vniah(
     ``model``: a LongVA checkpoint path (restored onto ``mesh``, default: every device on ``seq``) or an
     :class:`~lct_jax.eval.loading.EvalModel`; ``haystack``: a store path or :class:`EmbeddingStore`; ``needles``:
     a needles JSON path or a list of :class:`Needle`; ``tokenizer``: a tokenizer or its name/path (default: the
-    checkpoint's); ``bucket``: pad every sequence to a multiple of this many tokens (fewer compiles)."""
+    checkpoint's); ``param_dtype``, ``dtype``, ``attention``, ``ring_kernel``: config overrides when ``model`` is a
+    path (:func:`~lct_jax.eval.loading.load_eval_model`); ``bucket``: pad every sequence to a multiple of this many
+    tokens (fewer compiles, more padding)."""
     frames, depths = sorted(int(f) for f in frames), sorted(float(d) for d in depths)
     if not depths or depths[0] < 0 or depths[-1] > 1:
         raise EvalError(f"--depths {depths}: must lie in [0, 1]")
@@ -207,8 +211,9 @@ def run_vniah(
     needles = load_needles(needles) if isinstance(needles, (str, os.PathLike)) else list(needles)
     mesh = make_mesh(1, -1, 1) if mesh is None else mesh
     if not isinstance(model, EvalModel):
-        overrides = {"dtype": dtype} if dtype else {}
-        model = load_eval_model(model, mesh, param_dtype=param_dtype, **overrides)
+        model = load_eval_model(
+            model, mesh, param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel
+        )
     if model.kind != "longva":
         raise EvalError(
             f"V-NIAH needs a LongVA (stage 1/2) checkpoint; {model.checkpoint} is a {model.kind} model"
@@ -298,6 +303,8 @@ def run(args) -> int:
         mesh=mesh_from_args(args),
         param_dtype=args.param_dtype,
         dtype=args.dtype,
+        attention=args.attention,
+        ring_kernel=args.ring_kernel,
         bucket=args.bucket,
         allow_other_checkpoint=args.allow_other_checkpoint,
         progress=not args.no_progress,

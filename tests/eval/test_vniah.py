@@ -185,7 +185,7 @@ def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):
         (["--frames", "4:40:4"], "must lie in 1..12"),
         (["--depths", "0,1.5"], "must lie in \\[0, 1\\]"),
         (["--frames", "a:b"], "expected MIN:MAX:STEP"),
-        (["--seq", "3"], "--seq 3 --model 1"),
+        (["--seq", "16"], "--seq 16 --model 1: .* 8 are available"),
     ]
     for extra, message in cases:
         assert _cli(base + extra) == 2, extra
