@@ -227,7 +227,7 @@ def run_vniah(
     config = {
         "checkpoint": str(model.checkpoint),
         "model": {"kind": model.kind, **config_to_dict(model.cfg)},
-        "haystack": str(store.path),
+        "haystack": store.path if "://" in store.path else os.path.abspath(store.path),
         "haystack_shape": list(store.shape),
         "needles": [
             {
