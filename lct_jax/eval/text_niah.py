@@ -48,6 +48,7 @@ from lct_jax.eval.loading import (
     add_model_arguments,
     load_eval_model,
     mesh_from_args,
+    resolve_checkpoint,
     resolve_tokenizer,
 )
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
@@ -278,12 +279,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    ckpt = resolve_checkpoint(args.ckpt)  # the user's mistakes end before JAX starts its backends
+    lengths, depths = parse_grid(args.lengths, int), parse_grid(args.depths)
     start_distributed(args.distributed)
     results = run_text_niah(
-        args.ckpt,
+        ckpt,
         args.out,
-        lengths=parse_grid(args.lengths, int),
-        depths=parse_grid(args.depths),
+        lengths=lengths,
+        depths=depths,
         samples=args.samples,
         distractors=args.distractors,
         filler=args.filler,

@@ -59,6 +59,7 @@ from lct_jax.eval.loading import (
     add_model_arguments,
     load_eval_model,
     mesh_from_args,
+    resolve_checkpoint,
     resolve_tokenizer,
 )
 from lct_jax.eval.needles import Needle, load_needles
@@ -290,14 +291,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    # the user's files first: their mistakes end before JAX starts its backends
+    ckpt, store, needles = (
+        resolve_checkpoint(args.ckpt),
+        open_haystack(args.haystack),
+        load_needles(args.needles),
+    )
+    frames, depths = parse_grid(args.frames, int), parse_grid(args.depths)
     start_distributed(args.distributed)
     results = run_vniah(
-        args.ckpt,
-        args.haystack,
-        args.needles,
+        ckpt,
+        store,
+        needles,
         args.out,
-        frames=parse_grid(args.frames, int),
-        depths=parse_grid(args.depths),
+        frames=frames,
+        depths=depths,
         system=args.system,
         tokenizer=args.tokenizer,
         mesh=mesh_from_args(args),
