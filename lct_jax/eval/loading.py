@@ -113,6 +113,18 @@ def load_eval_model(
     return EvalModel(kind, cfg, nnx.merge(graphdef, state), step)
 
 
+def eval_setup(model, mesh: Mesh | None, tokenizer, **overrides) -> tuple[Mesh, EvalModel, object]:
+    """(mesh, model, tokenizer) for a run: ``mesh`` defaults to every device on ``seq``; ``model`` is an
+    :class:`EvalModel` or a checkpoint path restored onto the mesh with ``overrides`` (:func:`load_eval_model`);
+    ``tokenizer`` is a tokenizer, its name/path, or None (the checkpoint's, :func:`resolve_tokenizer`)."""
+    mesh = make_mesh(1, -1, 1) if mesh is None else mesh
+    if not isinstance(model, EvalModel):
+        model = load_eval_model(model, mesh, **overrides)
+    if tokenizer is None or isinstance(tokenizer, str):
+        tokenizer = resolve_tokenizer(tokenizer, model.checkpoint)
+    return mesh, model, tokenizer
+
+
 def resolve_tokenizer(name_or_path: str | None, checkpoint: str | os.PathLike):
     """``name_or_path`` ('byte', 'qwen' or a tokenizer.json) if given; else tokenizer files next to the checkpoint
     (import-hf copies them), else the ``data.tokenizer`` of the training run that wrote the step."""
@@ -166,3 +178,17 @@ def mesh_from_args(args) -> Mesh:
         return make_mesh(1, args.seq, args.model, devices=jax.devices()[: max(args.seq * args.model, 0)])
     except ValueError as e:
         raise EvalError(f"--seq {args.seq} --model {args.model}: {e}") from e
+
+
+def run_kwargs(args) -> dict:
+    """The keyword arguments of ``run_vniah`` / ``run_text_niah`` that :func:`add_model_arguments` sets."""
+    return dict(
+        tokenizer=args.tokenizer,
+        mesh=mesh_from_args(args),
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        attention=args.attention,
+        ring_kernel=args.ring_kernel,
+        bucket=args.bucket,
+        progress=not args.no_progress,
+    )

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from jax.sharding import Mesh
@@ -53,20 +52,18 @@ from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, encode_qwe
 from lct_jax.data.unires import load_image
 from lct_jax.eval.cli import EvalError, start_distributed
 from lct_jax.eval.encode import FrameEncoder, letterbox
-from lct_jax.eval.grid import GridRun, parse_grid
+from lct_jax.eval.grid import GridRun, parse_grid, print_summary
 from lct_jax.eval.loading import (
     EvalModel,
     add_model_arguments,
-    load_eval_model,
-    mesh_from_args,
+    eval_setup,
     resolve_checkpoint,
-    resolve_tokenizer,
+    run_kwargs,
 )
 from lct_jax.eval.needles import Needle, load_needles
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
 from lct_jax.eval.store import EmbeddingStore, StoreError
 from lct_jax.model.longva import IMAGE_TOKEN
-from lct_jax.sharding import make_mesh
 
 DEFAULT_FRAMES = "200:3000:200"
 DEFAULT_DEPTHS = "0:1:0.2"
@@ -210,21 +207,13 @@ def run_vniah(
     if not frames or frames[0] < 1 or frames[-1] > store.shape[0]:
         raise EvalError(f"--frames {frames}: must lie in 1..{store.shape[0]} (the haystack's frames)")
     needles = load_needles(needles) if isinstance(needles, (str, os.PathLike)) else list(needles)
-    mesh = make_mesh(1, -1, 1) if mesh is None else mesh
-    if not isinstance(model, EvalModel):
-        model = load_eval_model(
-            model, mesh, param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel
-        )
+    overrides = dict(param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel)
+    mesh, model, tok = eval_setup(model, mesh, tokenizer, **overrides)
     if model.kind != "longva":
         raise EvalError(
             f"V-NIAH needs a LongVA (stage 1/2) checkpoint; {model.checkpoint} is a {model.kind} model"
         )
     check_haystack(store, model, allow_other_checkpoint=allow_other_checkpoint)
-    tok = (
-        resolve_tokenizer(tokenizer, model.checkpoint)
-        if tokenizer is None or isinstance(tokenizer, str)
-        else tokenizer
-    )
     config = {
         "checkpoint": str(model.checkpoint),
         "model": {"kind": model.kind, **config_to_dict(model.cfg)},
@@ -307,17 +296,8 @@ def run(args) -> int:
         frames=frames,
         depths=depths,
         system=args.system,
-        tokenizer=args.tokenizer,
-        mesh=mesh_from_args(args),
-        param_dtype=args.param_dtype,
-        dtype=args.dtype,
-        attention=args.attention,
-        ring_kernel=args.ring_kernel,
-        bucket=args.bucket,
         allow_other_checkpoint=args.allow_other_checkpoint,
-        progress=not args.no_progress,
+        **run_kwargs(args),
     )
-    out = Path(args.out)
-    print(f"V-NIAH mean {results['mean']:.3f} over {len(results['cells'])} cells")
-    print(f"results  {out / 'results.json'}\nheatmap  {out / 'heatmap.png'}\nevents   {out / 'tb'}")
+    print_summary("V-NIAH", results, args.out)
     return 0
