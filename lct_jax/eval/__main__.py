@@ -23,6 +23,11 @@ COMMANDS = {
         "needle images + needles.json (question, one-word answer), seeded",
     ),
     "haystack": ("lct_jax.eval.haystack", "video frames -> V-NIAH visual-token store [N, P, D], resumable"),
+    "vniah": (
+        "lct_jax.eval.vniah",
+        "V-NIAH grid (frames x depth) on a haystack store: results, heatmap, events",
+    ),
+    "text-niah": ("lct_jax.eval.text_niah", "text NIAH grid (tokens x depth): results, heatmap, events"),
 }
 
 
