@@ -267,6 +267,8 @@ def _preflight(addr: str, pid: int, bind: str | None, timeout_s: float) -> None:
     if pid == 0:
         host, port = _host_port(bind) if bind else ("::", _host_port(addr)[1])  # JAX's default: [::]:PORT
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if family == socket.AF_INET6 and not socket.has_ipv6 and not bind:
+            family, host = socket.AF_INET, "0.0.0.0"
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is fine
