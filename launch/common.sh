@@ -199,9 +199,9 @@ wait_active() {
 setup_slice() {
   local tarball="${TMPDIR:-/tmp}/lct_jax_src.$TPU_NAME.tgz"
   act tar -C "$REPO_DIR" --exclude=./.venv --exclude=./.git --exclude='*/__pycache__' --exclude=./runs --exclude=./logs \
-    -czf "$tarball" .
-  qr scp "$tarball" "$TPU_NAME:/tmp/lct_jax_src.tgz" --node=all --worker=all
-  on_all_hosts "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/lct_jax_src.tgz -C ~/$REMOTE_DIR && bash ~/$REMOTE_DIR/launch/host.sh setup${BUCKET:+ $BUCKET}"
+    -czf "$tarball" . &&
+    qr scp "$tarball" "$TPU_NAME:/tmp/lct_jax_src.tgz" --node=all --worker=all &&
+    on_all_hosts "mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/lct_jax_src.tgz -C ~/$REMOTE_DIR && bash ~/$REMOTE_DIR/launch/host.sh setup${BUCKET:+ $BUCKET}"
 }
 
 # launch/host.sh (copied by setup) on every host; start: python -m lct_jax.train in the background there

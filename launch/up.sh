@@ -5,13 +5,14 @@
 #   created again) -> wait until ACTIVE -> setup (after every new slice) -> start the trainers -> watch every
 #   POLL_S s: WORKDIR/checkpoints/N/commit_success.txt (done), the queued-resource state (not ACTIVE: next
 #   attempt) and the trainers (all exited cleanly, i.e. SIGTERM: next attempt; one failed: stop, logs fetched).
-#   Stops after MAX_ATTEMPTS attempts. Exit 0 = the final step exists; 1 = stopped (the reason is printed).
+#   A failed gcloud create/delete/setup/start also just ends the attempt. Stops after MAX_ATTEMPTS attempts.
+#   Exit 0 = the final step exists; 1 = stopped (the reason is printed).
 # Settings: TPU_NAME ZONE [PROJECT] ACCELERATOR RUNTIME [SPOT=1 | RESERVED=1] [NUM_SLICES=1]
 #           [MAX_ATTEMPTS=20] [POLL_S=60] [WAIT_ACTIVE_S=21600]
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
-usage() { sed -n '2,10s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,11s/^# \{0,1\}//p' "$0"; }
 parse_options "$@"
 ((${#ARGS[@]} >= 2)) || die "usage: launch/up.sh CONFIG WORKDIR --config.num_steps=N [--config.x=y ...]"
 check_slice_env
@@ -67,7 +68,7 @@ stop() {
   exit 1
 }
 
-attempt=0 unknown=0
+attempt=0 unknown=0 needs_setup=1
 while :; do
   if final_exists; then
     say "done: $marker exists"
@@ -77,27 +78,43 @@ while :; do
   attempt=$((attempt + 1))
   say "attempt $attempt of $MAX_ATTEMPTS"
   ASSUME=NOT_FOUND qr_state
-  fresh=$((attempt == 1))
   case $STATE in
-    NOT_FOUND)
-      create_slice
-      fresh=1
-      ;;
+    NOT_FOUND) new=1 ;;
     SUSPENDING | SUSPENDED | FAILED)
       say "queued resource $TPU_NAME is $STATE (preempted or failed): deleting it and queueing a new one"
-      delete_slice
-      create_slice
-      fresh=1
+      if ! delete_slice; then
+        say "the delete failed (gcloud's message above); next attempt in $POLL_S s"
+        pause "$POLL_S"
+        continue
+      fi
+      new=1
       ;;
-    ACTIVE | ACCEPTED | CREATING | PROVISIONING | WAITING_FOR_RESOURCES) ;;
+    ACTIVE | ACCEPTED | CREATING | PROVISIONING | WAITING_FOR_RESOURCES) new=0 ;;
     *) stop "queued resource $TPU_NAME is in state $STATE, which up.sh does not handle; look with gcloud" ;;
   esac
+  if ((new)); then
+    if ! create_slice; then
+      say "the create failed (gcloud's message above); next attempt in $POLL_S s"
+      pause "$POLL_S"
+      continue
+    fi
+    needs_setup=1
+  fi
   if ! wait_active; then
     say "$REASON"
     continue
   fi
-  if ((fresh)); then setup_slice; fi
-  start_training "$config" ${overrides[@]+"${overrides[@]}"}
+  if ((needs_setup)); then
+    if ! setup_slice; then
+      say "the setup failed on some host (its message above); next attempt"
+      continue
+    fi
+    needs_setup=0
+  fi
+  if ! start_training "$config" ${overrides[@]+"${overrides[@]}"}; then
+    say "the trainers did not start on every host (see above); next attempt"
+    continue
+  fi
   if ((DRY_RUN)); then # one pass of the watch loop, then stop: nothing ran, so nothing more can be known
     final_exists || true
     ASSUME=ACTIVE qr_state

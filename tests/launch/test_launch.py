@@ -120,6 +120,12 @@ def test_up_stops_after_max_attempts_and_on_a_failed_trainer(fake):
         "stop: MAX_ATTEMPTS=2 attempts used and step 1000 is not in gs://my-bucket/runs/stage0"
     )
     assert sum(c[4:5] == ["create"] for c in fake.calls()) == 2  # bounded: one new slice per attempt
+    flaky = [{"match": "storage ls", "rc": 1, "err": "no objects", "times": 2}, {"match": "storage ls", "out": MARKER},
+             {"match": "describe", "rc": 1, "err": "NOT_FOUND", "times": 2}, {"match": "describe", "out": "ACTIVE\n"},
+             {"match": "create", "rc": 1, "err": "ERROR: (gcloud) quota exceeded\n", "times": 1}]  # fmt: skip
+    r = fake.run("up.sh", CONFIG, WORKDIR, "--config.num_steps=1000", rules=flaky, **V5E_SPOT)
+    assert r.returncode == 0 and "the create failed (gcloud's message above); next attempt" in r.stdout
+    assert sum(c[4:5] == ["create"] for c in fake.calls()) == 2 and "attempt 2 of 20" in r.stdout
     failing = [{"match": "storage ls", "rc": 1, "err": "no objects"}, {"match": "describe", "rc": 1, "err": "NOT_FOUND", "times": 1},
                {"match": "describe", "out": "ACTIVE\n"}, {"match": "host.sh status", "out": "0\n1\n"}]  # fmt: skip
     r = fake.run("up.sh", CONFIG, WORKDIR, "--config.num_steps=1000", rules=failing, **V5E_SPOT)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,42 @@ def test_cli_errors_are_one_line_rc_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr[-2000:]
         assert not (tmp_path / "unused").exists()
         print(f"{seconds:.1f} s: {lines[0][:120]}")
+
+
+class _Metadata(BaseHTTPRequestHandler):
+    """The TPU VM metadata server of worker 1 of a 4-host slice (what GceTpuCluster reads)."""
+
+    ATTRS = {
+        "agent-worker-number": "1",
+        "worker-network-endpoints": ",".join(f"w{i}:{i}:127.0.0.{i + 2}" for i in range(4)),  # name:id:ip
+        "tpu-env": "ACCELERATOR_TYPE: 'v5litepod-16'\nMEGASCALE_NUM_SLICES: '1'\nMEGASCALE_SLICE_ID: '0'\n",
+    }
+
+    def do_GET(self):
+        key = self.path.rsplit("/", 1)[-1]
+        body = self.ATTRS.get(key)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write((body or "").encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_auto_fires_on_a_tpu_vm_slice(plain_host):
+    """Found: the old check looked for TPU_WORKER_HOSTNAMES, which a TPU VM slice does not set; JAX reads the
+    worker list from the metadata server, and so does the auto mode now (process 1 of 4, coordinator worker 0)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    plain_host.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+    plain_host.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+    plain_host.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_address[1]}")
+    try:
+        assert dist.detect_cluster(10) == dist.Cluster("GceTpuCluster", 4)
+        assert _jax_choice()[:3] == ("127.0.0.2:8482", 4, 1)
+        with pytest.raises(
+            DistributedError, match="the coordinator 127.0.0.2:8482 did not accept a connection"
+        ):
+            dist.start("auto", dist.settings({}, {}), timeout_s=1)  # it connects: nobody is there
+    finally:
+        server.shutdown()
