@@ -145,6 +145,17 @@ mesh_overrides() {
   fi
 }
 
+# ARGS = CONFIG WORKDIR [--config.x=y ...], checked: CONFIG, WORKDIR, OVERRIDES (+ HOST_WORKDIR, BUCKET, MESH_ARGS)
+run_args() { # USAGE
+  ((${#ARGS[@]} >= 2)) || die "usage: $1"
+  CONFIG=${ARGS[0]} WORKDIR=${ARGS[1]%/}
+  check_config "$CONFIG"
+  check_workdir "$WORKDIR"
+  OVERRIDES=("${ARGS[@]:2}")
+  check_overrides ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+  mesh_overrides ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+}
+
 qr() { act gcloud compute tpus queued-resources "$@" "${GC[@]}"; }
 
 # all workers of all nodes (slices) of the queued resource

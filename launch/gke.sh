@@ -10,18 +10,12 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 usage() { sed -n '2,7s/^# \{0,1\}//p' "$0"; }
 parse_options "$@"
-((${#ARGS[@]} >= 2)) || die "usage: launch/gke.sh CONFIG WORKDIR [--config.x=y ...]"
 check_slice_env
 RUNTIME=${RUNTIME:-unused-on-gke}
 check_create_env
-config=${ARGS[0]}
-check_config "$config"
-check_workdir "${ARGS[1]}"
-overrides=("${ARGS[@]:2}")
-check_overrides ${overrides[@]+"${overrides[@]}"}
-mesh_overrides ${overrides[@]+"${overrides[@]}"}
+run_args "launch/gke.sh CONFIG WORKDIR [--config.x=y ...]"
 CLUSTER=${CLUSTER:-$TPU_NAME}
-stage=${config##*/}
+stage=${CONFIG##*/}
 WORKLOAD=${WORKLOAD:-lct-${stage%%.py*}}
 WORKLOAD=${WORKLOAD//_/-}
 BASE_IMAGE=${BASE_IMAGE:-python:3.11}
@@ -40,7 +34,7 @@ if [[ -n $BUCKET ]]; then
   act xpk storage attach "$BUCKET" --type=gcsfuse --bucket="$BUCKET" --cluster="$CLUSTER" --auto-mount=true \
     --mount-point="/gcs/$BUCKET" --readonly=false --size=1000 "${GC[@]}"
 fi
-train=$(qall python -m lct_jax.train --config="$config" --workdir="$HOST_WORKDIR" ${overrides[@]+"${overrides[@]}"} \
+train=$(qall python -m lct_jax.train --config="$CONFIG" --workdir="$HOST_WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
   ${MESH_ARGS[@]+"${MESH_ARGS[@]}"})
 act xpk workload create --cluster="$CLUSTER" --workload="$WORKLOAD" --tpu-type="$ACCELERATOR" \
   --num-slices="$NUM_SLICES" --base-docker-image="$BASE_IMAGE" --script-dir="$REPO_DIR" \

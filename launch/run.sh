@@ -9,13 +9,7 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 usage() { sed -n '2,6s/^# \{0,1\}//p' "$0"; }
 parse_options "$@"
-((${#ARGS[@]} >= 2)) || die "usage: launch/run.sh CONFIG WORKDIR [--config.x=y ...]"
 check_slice_env
-config=${ARGS[0]}
-check_config "$config"
-check_workdir "${ARGS[1]}"
-overrides=("${ARGS[@]:2}")
-check_overrides ${overrides[@]+"${overrides[@]}"}
-mesh_overrides ${overrides[@]+"${overrides[@]}"}
-start_training "$config" ${overrides[@]+"${overrides[@]}"}
+run_args "launch/run.sh CONFIG WORKDIR [--config.x=y ...]"
+start_training "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 say "started on every host of $TPU_NAME; logs: launch/logs.sh"

@@ -14,26 +14,20 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 usage() { sed -n '2,11s/^# \{0,1\}//p' "$0"; }
 parse_options "$@"
-((${#ARGS[@]} >= 2)) || die "usage: launch/up.sh CONFIG WORKDIR --config.num_steps=N [--config.x=y ...]"
 check_slice_env
 check_create_env
-config=${ARGS[0]} workdir=${ARGS[1]%/}
-check_config "$config"
-check_workdir "$workdir"
-overrides=("${ARGS[@]:2}")
-check_overrides ${overrides[@]+"${overrides[@]}"}
-mesh_overrides ${overrides[@]+"${overrides[@]}"}
+run_args "launch/up.sh CONFIG WORKDIR --config.num_steps=N [--config.x=y ...]"
 final=""
-for a in ${overrides[@]+"${overrides[@]}"}; do
+for a in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
   if [[ $a =~ ^--config\.num_steps=(.*)$ ]]; then final=${BASH_REMATCH[1]}; fi
 done
 [[ $final =~ ^[1-9][0-9]*$ ]] ||
-  die "give --config.num_steps=N (N >= 1): up.sh is done when $workdir/checkpoints/N/commit_success.txt exists"
+  die "give --config.num_steps=N (N >= 1): up.sh is done when $WORKDIR/checkpoints/N/commit_success.txt exists"
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20} POLL_S=${POLL_S:-60} WAIT_ACTIVE_S=${WAIT_ACTIVE_S:-21600}
 int_at_least MAX_ATTEMPTS 1
 int_at_least POLL_S 0
 int_at_least WAIT_ACTIVE_S 1
-marker="$workdir/checkpoints/$final/commit_success.txt"
+marker="$WORKDIR/checkpoints/$final/commit_success.txt"
 
 final_exists() { # gs://: gcloud storage; a shared path: look from host 0 (false while the slice is down)
   if [[ -n $BUCKET ]]; then
@@ -74,7 +68,7 @@ while :; do
     say "done: $marker exists"
     exit 0
   fi
-  ((attempt < MAX_ATTEMPTS)) || stop "MAX_ATTEMPTS=$MAX_ATTEMPTS attempts used and step $final is not in $workdir"
+  ((attempt < MAX_ATTEMPTS)) || stop "MAX_ATTEMPTS=$MAX_ATTEMPTS attempts used and step $final is not in $WORKDIR"
   attempt=$((attempt + 1))
   say "attempt $attempt of $MAX_ATTEMPTS"
   ASSUME=NOT_FOUND qr_state
@@ -111,7 +105,7 @@ while :; do
     fi
     needs_setup=0
   fi
-  if ! start_training "$config" ${overrides[@]+"${overrides[@]}"}; then
+  if ! start_training "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}; then
     say "the trainers did not start on every host (see above); next attempt"
     continue
   fi

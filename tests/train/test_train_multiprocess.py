@@ -346,29 +346,19 @@ def test_checkpoints_are_written_once(runs):
         assert (runs["tmp"] / w / "checkpoints" / "lct_config.json").is_file()
 
 
-def test_elastic_resume_two_to_one_process(runs):
-    log = runs["E1"][0]
-    assert "devices=8 processes=1" in log and "resumed from" in log and "(step 3)" in log
-    assert "elastic resume: data shards x workers 2x0 -> 1x0" in log
-    got = _losses(runs["tmp"] / "two_to_one")
-    assert sorted(got) == [4, 5, 6]
-    want = _reference_losses(
-        _config(runs["data"], DATA_MESH), _elastic_batches(runs, log, 1, 3, "e1"), runs["tmp"] / "data"
-    )
-    diff = max(abs(got[s + 4] - w) for s, w in enumerate(want))
-    print(f"2 -> 1 processes: resumed losses vs the documented semantics, max |diff| = {diff:.2e}")
-    assert diff <= TOL
-
-
-def test_elastic_resume_one_to_two_processes(runs):
-    log = runs["E2"][0]
-    assert "devices=8 processes=2" in log and "(step 6)" in log
-    assert "elastic resume: data shards x workers 1x0 -> 2x0" in log
-    got = _losses(runs["tmp"] / "one_to_two")
-    assert sorted(got) == [7, 8, 9]
-    want = _reference_losses(
-        _config(runs["data"], DATA_MESH), _elastic_batches(runs, log, 2, 3, "e2"), runs["tmp"] / "two_to_one"
-    )
-    diff = max(abs(got[s + 7] - w) for s, w in enumerate(want))
-    print(f"1 -> 2 processes: resumed losses vs the documented semantics, max |diff| = {diff:.2e}")
+@pytest.mark.parametrize(
+    "launch,workdir,source,old,new,first",
+    [("E1", "two_to_one", "data", 2, 1, 4), ("E2", "one_to_two", "two_to_one", 1, 2, 7)],
+    ids=["2->1 processes", "1->2 processes"],
+)
+def test_elastic_resume_onto_another_process_count(runs, launch, workdir, source, old, new, first):
+    log = runs[launch][0]
+    assert f"devices=8 processes={new}" in log and f"(step {first - 1})" in log
+    assert f"elastic resume: data shards x workers {old}x0 -> {new}x0" in log
+    got = _losses(runs["tmp"] / workdir)
+    assert sorted(got) == [first, first + 1, first + 2]
+    batches = _elastic_batches(runs, log, new, 3, launch)
+    want = _reference_losses(_config(runs["data"], DATA_MESH), batches, runs["tmp"] / source)
+    diff = max(abs(got[first + s] - w) for s, w in enumerate(want))
+    print(f"{old} -> {new} processes: resumed losses vs the documented semantics, max |diff| = {diff:.2e}")
     assert diff <= TOL
