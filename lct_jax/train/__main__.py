@@ -1,13 +1,14 @@
 r"""Entry point: ``python -m lct_jax.train --config=configs/<stage>.py:size=7b|1.5b|0.5b|tiny --workdir=DIR``.
 
 Single fields: ``--config.num_steps=200 --config.init_from=ckpt/qwen2_7b``. Re-running the same command resumes
-from the latest checkpoint in ``DIR/checkpoints``. On a multi-host TPU pod every host runs the same command
-(``launch/run.sh`` does that) and ``jax.distributed.initialize()`` connects them.
+from the latest checkpoint in ``DIR/checkpoints``. On a multi-host run every process runs the same command
+(``launch/up.sh`` does that on a TPU slice); ``--distributed=auto`` connects them where JAX detects the cluster,
+explicit ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` anywhere else
+(see :mod:`lct_jax.train.distributed`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -19,16 +20,31 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
     ["auto", "yes", "no"],
-    "call jax.distributed.initialize(): auto = when running on a multi-host Cloud TPU VM",
+    "connect the processes of a multi-host run (lct_jax/train/distributed.py): auto = when JAX detects a cluster "
+    "(Cloud TPU VM slice, GKE, SLURM, Open MPI, Kubernetes) or the settings below are given; yes = must; no = never",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 (env LCT_COORDINATOR_ADDRESS, JAX_COORDINATOR_ADDRESS)",
+)
+# strings, validated by lct_jax.train.distributed like their environment variables (one-line errors)
+_NUM_PROCESSES = flags.DEFINE_string("num_processes", None, "processes in the run (env LCT_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_string("process_id", None, "this process, 0..num_processes-1 (env LCT_PROCESS_ID)")
+_BIND = flags.DEFINE_string(
+    "coordinator_bind_address",
+    None,
+    "where process 0 listens (default [::]:PORT; env LCT_COORDINATOR_BIND_ADDRESS, JAX_COORDINATOR_BIND_ADDRESS)",
+)
+_LOCAL_DEVICES = flags.DEFINE_string(
+    "local_device_ids",
+    None,
+    "devices this process uses, e.g. 0,1 (env LCT_LOCAL_DEVICE_IDS, JAX_LOCAL_DEVICE_IDS)",
+)
+_DIST_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout", 300, "seconds allowed for cluster detection and for all processes to connect"
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _on_pod() -> bool:
-    # Cloud TPU VMs list every host of the slice here; more than one host = a pod slice
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or bool(
-        os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-    )
 
 
 def main(argv):
@@ -36,8 +52,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     import jax  # noqa: PLC0415
 
-    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _on_pod()):
-        jax.distributed.initialize()
+    from lct_jax.train import distributed  # noqa: PLC0415
+
+    given = {f.name: f.value for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _BIND, _LOCAL_DEVICES)}
+    try:
+        print(distributed.start(_DISTRIBUTED.value, distributed.settings(given), _DIST_TIMEOUT.value))
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from lct_jax.train.loop import NonFiniteError  # noqa: PLC0415
     from lct_jax.train.run import run  # noqa: PLC0415
 

@@ -14,7 +14,9 @@ also a model checkpoint for the convert CLI (``python -m lct_jax.convert export-
 ...``) and for the next stage's ``init_from``.
 
 Restores use the *current* run's abstract state (shapes + shardings), so a checkpoint saved on one mesh shape
-restores onto another.
+restores onto another. The data iterator restores exactly when this process's saved state has the current data
+layout (shard count, workers); a checkpoint written by another process count or data sharding resumes its data
+stream as ``lct_jax.data.loader.elastic_state`` documents, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lct_jax.data.loader import restore_saved_state, saved_state_matches
 from lct_jax.train.optimizer import merge_params, split_trainable
 from lct_jax.train.state import StateSpec, TrainState
 
@@ -78,18 +81,25 @@ class Checkpointer:
 
     def restore(self, spec: StateSpec, optim, data_iter: Any = None, step: int | None = None) -> TrainState:
         """Restore the state at ``step`` (default: latest) onto ``spec``'s mesh and shardings; ``data_iter`` (if
-        given) is moved in place to where it was when that step was saved."""
+        given) is moved in place to where it was when that step was saved (or, after a change of process count or
+        data sharding, to where ``elastic_state`` maps it). Without ``data_iter`` the data item is not read."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         a = spec.abstract
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardRestore(merge_params(a.params, a.frozen)),
             opt_state=ocp.args.StandardRestore(a.opt_state),
             train=ocp.args.StandardRestore({"step": a.step, "rng": a.rng, "nonfinite": a.nonfinite}),
-            data=_data_args(data_iter, restore=True),
         )
-        got = self.manager.restore(step, args=args)
+        inner = getattr(data_iter, "inner", data_iter)
+        data_dir = self.directory / str(step) / "data"
+        from_other_layout = _saved_by_other_layout(inner, data_dir)
+        if inner is not None and not from_other_layout:
+            items["data"] = _data_args(data_iter, restore=True)
+        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if from_other_layout:
+            restore_saved_state(inner, data_dir)
         params, frozen = split_trainable(got.params, optim)
         state = TrainState(
             step=got.train["step"],
@@ -99,7 +109,6 @@ class Checkpointer:
             rng=got.train["rng"],
             nonfinite=got.train["nonfinite"],
         )
-        inner = getattr(data_iter, "inner", data_iter)
         if inner is not None and not _is_grain(inner):
             inner.set_state(got.data)
         return state
@@ -116,6 +125,12 @@ def _is_grain(it) -> bool:
     import grain  # noqa: PLC0415
 
     return isinstance(it, grain.DatasetIterator)
+
+
+def _saved_by_other_layout(inner, data_dir: Path) -> bool:
+    """A grain iterator whose state in ``data_dir`` was saved by another process count or data sharding (restored
+    by ``lct_jax.data.loader.restore_saved_state``); the same layout restores through grain's own handler."""
+    return inner is not None and _is_grain(inner) and not saved_state_matches(inner, data_dir)
 
 
 def _data_args(data_iter, restore: bool):
