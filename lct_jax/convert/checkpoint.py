@@ -96,7 +96,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(out)
         tmp.rename(out)
     except Exception as e:
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
+        if is_disk_full(e):  # (named by the outermost output: a nested one's path is inside this temporary)
             raise DiskFullError(out) from e
         raise
     finally:

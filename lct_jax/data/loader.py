@@ -110,11 +110,14 @@ class _FinalizeIterator(DatasetIterator):
         self._batches = 0
 
     def __next__(self):
-        # plain copies: worker batches arrive in shared memory blocks that are freed only with their arrays
-        batch = {k: np.array(v) for k, v in next(self._parent).items()}
-        skips = batch.pop("_skips")  # [B, R]
-        self._skips += skips.sum(0)
-        self._rows += skips.shape[0]
+        while True:
+            # plain copies: worker batches arrive in shared memory blocks that are freed only with their arrays
+            batch = {k: np.array(v) for k, v in next(self._parent).items()}
+            self._skips += batch.pop("_skips").sum(0)  # [B, R] -> [R]
+            rows = int(batch["segment_ids"].any(axis=1).sum())
+            if rows:  # else only the empty row that carries the last skips of finite data
+                break
+        self._rows += rows
         self._batches += 1
         return batch
 

@@ -120,7 +120,8 @@ class PrepareSample:
         return p if os.path.isabs(p) else os.path.join(self.cfg.image_root, p)
 
     def _visuals(self, rec: dict) -> list[tuple[str, str]]:
-        """``[(kind, path)]``: the record's images (a path or a list of paths) then its video, in order."""
+        """``[(kind, path)]``: the record's images (a path or a list of paths) then its video, in order; a field
+        that is absent, ``null`` or empty means none, any other non-path value is a bad record."""
         images = rec.get("image")
         if images is None or images == "" or images == []:
             images = []
@@ -129,7 +130,7 @@ class PrepareSample:
         elif not isinstance(images, list):
             raise BadRecord("bad_record", f"'image' must be a path or a list of paths, got {images!r:.80}")
         out = [("image", self._path(p)) for p in images]
-        if rec.get("video"):
+        if rec.get("video") not in (None, ""):
             out.append(("video", self._path(rec["video"])))
         return out
 
@@ -289,8 +290,9 @@ class _PackSamplesIterator(DatasetIterator):
             self._held, tokens, tiles = None, tokens + n, tiles + k
             if not self.cfg.pack:
                 break
-        if not samples:
+        if not samples and not self._pending.any():
             raise StopIteration
+        # (no samples: end of finite data; an empty row carries the last skips, the loader counts and drops it)
         row = build_row(samples, self.cfg, self.pad_id)
         row["_skips"], self._pending = self._pending, zero_skips()
         return row

@@ -275,7 +275,9 @@ class _PackTextIterator(DatasetIterator):
         if n < need:  # end of data
             self._done = True
             if n <= 1 or self.drop_remainder:
-                raise StopIteration
+                if not self._pending.any():
+                    raise StopIteration
+                n = 0  # an empty row carries the last skips (the loader counts them and drops the row)
         else:
             self._off -= 1  # the window's last token opens the next row
         row = pack_row_fields(window, starts, n, self.seq_len, self.pad_id, self.per_document)
@@ -307,8 +309,9 @@ class _PackTextIterator(DatasetIterator):
 class PackTextIterDataset(IterDataset):
     """Documents (int32[T] or :class:`Skipped`) -> rows of the batch schema, plus a ``_skips`` count vector.
 
-    Skips ride on the next row; in a finite run, records skipped after the last row are logged but not counted.
-    ``skips`` bounds them (:class:`lct_jax.data.skips.SkipPolicy`).
+    Skips ride on the next row; at the end of finite data, skips that no row carries (after the last row, or on a
+    dropped remainder) ride on an empty row (no segments), which the loader counts and drops. ``skips`` bounds
+    them (:class:`lct_jax.data.skips.SkipPolicy`).
     """
 
     def __init__(self, parent: IterDataset, seq_len: int, bos_id: int, pad_id: int, per_document=False,

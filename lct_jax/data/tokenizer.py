@@ -138,14 +138,20 @@ def piece_cuts(text: str, piece_chars: int) -> list[int]:
     """Positions that cut ``text`` into pieces of at most ``piece_chars`` characters whose encodings, laid end to
     end, equal the encoding of the whole: a single space between a non-space and a letter, where byte-level BPE
     pre-tokenizers (GPT-2, Qwen2) always start a new word (" word") and no special token is cut. A piece with no
-    such space in its second half is cut at its end (rare: the tokens around that cut may differ)."""
+    such space in its second half is cut at its end, before a ``<|special|>`` it would split (rare: the tokens
+    right at that cut may differ)."""
     cuts, start, n = [], 0, len(text)
     while n - start > piece_chars:
         end = start + piece_chars
         j = text.rfind(" ", start + piece_chars // 2, end)
         while j > start and (text[j - 1].isspace() or not text[j + 1].isalpha()):
             j = text.rfind(" ", start + piece_chars // 2, j)
-        start = j if j > start else end
+        if j <= start:
+            j = end
+            opened = text.rfind("<|", start + 1, end)
+            if opened > start and text.find("|>", opened) >= end - 1:
+                j = opened
+        start = j
         cuts.append(start)
     return cuts
 

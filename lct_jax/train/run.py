@@ -269,13 +269,13 @@ def _run(config, workdir: Path, mesh, kind, model_cfg, make_model, data_iter) ->
                     f"{first}); choose another step with --config.resume_step=N"
                 ) from e
             print(f"resumed from {ckpt.directory}/{resume} (step {int(state.step)})")
-        elif config.init_from or config.get("init_vision_from"):
-            params = init_params(config, kind, model_cfg)
+        first = next(data_iter)  # before initializing: data that yields nothing fails in seconds
+        if resume is None:
+            given = config.init_from or config.get("init_vision_from")
+            params = init_params(config, kind, model_cfg) if given else None
             state = init_state(spec, make_model, optim, seed=config.seed, params=params)
-        else:
-            state = init_state(spec, make_model, optim, seed=config.seed)
-            print(f"initialized from random weights (seed {config.seed})")
-        first = next(data_iter)
+            if not given:
+                print(f"initialized from random weights (seed {config.seed})")
         step_cfg = StepConfig(micro_batches=config.step.micro_batches, loss_chunk=config.step.loss_chunk)
         step_fn = jit_train_step(spec, optim, step_cfg, first)
         # steps after the start were logged by a run that died before saving them: TensorBoard drops them

@@ -19,8 +19,13 @@ TOK = ByteTokenizer()
 def _rows(docs, seq_len, per_document=False, drop_remainder=False):
     read = RecordReader(docs, TokenizeDocument(TOK, record_format="text"), TEXT_SKIPS, 1 << 20)
     ds = grain.MapDataset.range(len(docs)).map(read)
-    return list(PackTextIterDataset(ds.to_iter_dataset(), seq_len, TOK.bos_id, TOK.pad_id, per_document,
+    rows = list(PackTextIterDataset(ds.to_iter_dataset(), seq_len, TOK.bos_id, TOK.pad_id, per_document,
                                     drop_remainder))  # fmt: skip
+    # an empty row carries the skips after the last row; fold them into it, as the loader does
+    if len(rows) > 1 and not rows[-1]["segment_ids"].any():
+        tail = rows.pop()
+        rows[-1]["_skips"] = rows[-1]["_skips"] + tail["_skips"]
+    return rows
 
 
 def _show(ids):
