@@ -12,6 +12,7 @@ failure.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -60,16 +61,50 @@ def one_line(message: str) -> str:
     return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
+class _OrbaxTracebacks(logging.Filter):
+    """Drops Orbax's log records that carry a traceback (a failed background write, a failed finalize): Orbax
+    re-raises the same exception to its caller, which reports it (one line for a full disk, a traceback for a
+    bug); ``--debug`` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info is not None and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _without_closed_loop_noise(hook):
+    """``sys.unraisablehook`` that drops ``RuntimeError('Event loop is closed')``: after a failed Orbax save (a
+    full disk) tensorstore still completes the other writes from its own threads, and each completion callback that
+    finds Orbax's event loop already closed is printed as an unraisable traceback."""
+
+    def unraisablehook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    return unraisablehook
+
+
 def report_errors(fn: Callable[[], int], argv: Sequence[str] = ()) -> int:
     """``fn()``'s exit code, or 2 after printing ``error: ...`` for a failure the user can fix."""
-    try:
+    if debug_requested(argv):
         return fn()
+    quiet, hook = _OrbaxTracebacks(), sys.unraisablehook
+    handlers = logging.getLogger().handlers + logging.getLogger("absl").handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    sys.unraisablehook = _without_closed_loop_noise(hook)
+    try:
+        code = fn()
     except Exception as e:
-        message = None if debug_requested(argv) else user_message(e)
+        message = user_message(e)
         if message is None:
+            sys.unraisablehook = hook
             raise
         print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-        return 2
+        return 2  # (the quiet hook stays: the process is about to exit, and the late noise comes at exit)
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+    sys.unraisablehook = hook
+    return code
 
 
 def skip_absent_tpu() -> None:

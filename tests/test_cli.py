@@ -71,3 +71,54 @@ def test_report_errors_separates_user_errors_from_bugs(capsys):
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/data/ckpt/x")
     assert user_message(wrapped).startswith("no space left on the device holding /data/ckpt/x (disk full)")
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _on_tiny_tmpfs(mountpoint: Path, size: str, script: str, timeout=600):
+    """Run ``script`` (sh) with a ``size`` tmpfs mounted at ``mountpoint`` in a private mount namespace: a real full
+    disk without filling this machine's (the tmpfs and its files vanish with the namespace)."""
+    mountpoint.mkdir(exist_ok=True)
+    sh = f"mount -t tmpfs -o size={size} tmpfs {mountpoint} && cd {ROOT} && {script}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", sh], env=_cpu_host_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_works(), reason="needs unprivileged mount namespaces (unshare -rm)")
+def test_full_disk_is_one_line_and_nothing_half_written(tmp_path, hf_qwen2):
+    disk = tmp_path / "disk"
+    src, _ = hf_qwen2(hidden_size=64, intermediate_size=256)
+    py = sys.executable
+    r = _on_tiny_tmpfs(disk, "200k", f"{py} -m lct_jax.convert import-hf --hf-dir {src} --out {disk}/ckpt; "
+                       f"echo rc=$?; ls -A {disk}")  # fmt: skip
+    assert "rc=2" in r.stdout and r.stdout.strip().endswith("rc=2"), (
+        r.stdout + r.stderr[-3000:]
+    )  # nothing left
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: no space left on the device holding {disk}/ckpt")
+    )
+    assert "Traceback" not in r.stderr
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50)))
+    train = (f"{py} -m lct_jax.train --config=configs/text_extension.py:size=tiny --workdir={disk}/w "
+             f"--config.data.paths={data} --config.num_steps=4 --config.checkpoint.every=2 --config.progress=False")  # fmt: skip
+    r = _on_tiny_tmpfs(disk, "1m", f"{train}; echo rc=$?; {py} -c \"import json; json.load(open('{disk}/w/config.json'))"
+                       f"; json.load(open('{disk}/w/checkpoints/lct_config.json')); print('configs intact')\"; "
+                       f"ls {disk}/w/checkpoints")  # fmt: skip
+    out = r.stdout.splitlines()
+    assert "rc=2" in out and "configs intact" in out, r.stdout + r.stderr[-3000:]
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith(f"error: no space left on the device holding {disk}/w")
+    )
+    assert (
+        out[-1] == "lct_config.json"
+    )  # no step directory: the unfinished save stays a temporary Orbax ignores

@@ -241,8 +241,9 @@ class _PackTextIterator(DatasetIterator):
         self._guard = SkipGuard(skips)
         self.seq_len, self.bos_id, self.pad_id = seq_len, bos_id, pad_id
         self.per_document, self.drop_remainder = per_document, drop_remainder
-        self._doc: np.ndarray | None = None  # current document with its BOS
-        self._off = 0  # next unread token of self._doc
+        # the current document's tokens; it is read as BOS + tokens (the BOS is not stored: no copy of a long one)
+        self._doc: np.ndarray | None = None
+        self._off = 0  # next unread position of BOS + self._doc
         self._doc_state = parent.get_state()  # parent state right before self._doc was fetched
         self._pending = zero_skips()  # skips seen since the last emitted row
         self._done = False
@@ -252,7 +253,7 @@ class _PackTextIterator(DatasetIterator):
         if got is None:
             return False
         x, self._doc_state = got
-        self._doc = np.concatenate([np.array([self.bos_id], np.int32), np.asarray(x, np.int32)])
+        self._doc = np.asarray(x, np.int32)
         self._off = 0
         return True
 
@@ -264,12 +265,15 @@ class _PackTextIterator(DatasetIterator):
         starts = np.zeros([need], bool)
         n = 0
         while n < need:
-            if self._doc is None or self._off == len(self._doc):
+            if self._doc is None or self._off == len(self._doc) + 1:
                 if not self._fetch():
                     break
-            take = min(need - n, len(self._doc) - self._off)
-            window[n : n + take] = self._doc[self._off : self._off + take]
-            starts[n] = self._off == 0
+            take = min(need - n, len(self._doc) + 1 - self._off)
+            if self._off == 0:  # the document opens with its BOS
+                window[n], starts[n] = self.bos_id, True
+                window[n + 1 : n + take] = self._doc[: take - 1]
+            else:
+                window[n : n + take] = self._doc[self._off - 1 : self._off - 1 + take]
             n += take
             self._off += take
         if n < need:  # end of data

@@ -88,6 +88,9 @@ def test_kill9_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
     diff = max(abs(after[s] - ref[s]) for s in after)
     print(f"killed at step {killed_at}, resumed from {resumed_from}, max |loss - uninterrupted| = {diff:.2e}")
     assert diff <= 1e-6
+    # TensorBoard over all the event files: every step once; the replayed ones as the resumed run logged them
+    shown = read_scalars(run_dir / "tb")["loss"]
+    assert sorted(shown) == list(range(1, steps + 1)) and all(shown[s] == after[s] for s in after)
 
 
 @pytest.mark.slow
