@@ -226,26 +226,15 @@ def test_long_text_encodes_in_pieces_to_the_same_ids(name):
 
 # ------------------------------------------------------------------------------ randomly malformed records
 
-JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-    st.just("x" * 3000),  # over the records' size cap below (as a string field it makes the record too long)
+NOT_STR = st.one_of(
+    st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+    st.lists(st.integers(), min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), min_size=1, max_size=2),
 )  # fmt: skip
+HUGE = st.just("x" * 3000)  # over the size caps below as a field of a record
+JUNK = st.one_of(st.none(), NOT_STR, st.just(""), HUGE)
 BAD_BYTES = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b)
 DEEP = st.sampled_from([1500, 20_000]).map(lambda n: b"[" * n + b"]" * n)  # too deep to parse, or too long
-
-
-def _bad_text_record():
-    return st.one_of(
-        JUNK.filter(lambda v: not isinstance(v, str)).map(lambda v: json.dumps({"text": v}).encode()),
-        JUNK.map(lambda v: json.dumps({"title": v}).encode()),  # no text field
-        JUNK.map(lambda v: json.dumps([v]).encode()),  # not an object
-        st.just(json.dumps({"text": ""}).encode()),
-        st.just(json.dumps({"text": "y" * 3000}).encode()),
-        st.just(b'{"text": ' + b"7" * 5000 + b"}"),  # more digits than Python converts
-        BAD_BYTES.filter(lambda b: not _good_text(b)),
-        DEEP,
-    )
 
 
 def _good_text(b: bytes) -> bool:
@@ -256,59 +245,70 @@ def _good_text(b: bytes) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("text"), str) and obj["text"] != ""
 
 
+def _dumps(r):
+    return r if isinstance(r, bytes) else json.dumps(r).encode()
+
+
 GOOD_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), min_size=1, max_size=60).map(
-    lambda t: json.dumps({"text": t}).encode()
+    lambda t: {"text": t}
+)
+BAD_TEXT = st.one_of(
+    st.one_of(st.none(), NOT_STR).map(lambda v: {"text": v}),  # the field holds no text
+    JUNK.map(lambda v: {"title": v}),  # no text field
+    JUNK.map(lambda v: [v]),  # not an object
+    st.sampled_from([{"text": ""}, {"text": "y" * 3000}]),  # empty; over max_record_bytes
+    st.just(b'{"text": ' + b"7" * 1500 + b"}"),  # a huge number
+    BAD_BYTES.filter(lambda b: not _good_text(b)),
+    DEEP,
 )
 
 
-@settings(max_examples=2, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.one_of(GOOD_TEXT.map(lambda r: (r, 0)), _bad_text_record().map(lambda r: (r, 1))),
-                min_size=150, max_size=150))  # fmt: skip
+def _mixed(good, bad, n_good=50, n_bad=100):
+    """Shuffled lists of (record bytes, is_malformed): never fewer than ``n_bad`` malformed records."""
+    return st.tuples(st.lists(good.map(lambda r: (_dumps(r), 0)), min_size=n_good, max_size=n_good),
+                     st.lists(bad.map(lambda r: (_dumps(r), 1)), min_size=n_bad, max_size=n_bad)
+                     ).flatmap(lambda t: st.permutations(t[0] + t[1]))  # fmt: skip
+
+
+SETTINGS = settings(max_examples=3, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@SETTINGS
+@given(_mixed(GOOD_TEXT, BAD_TEXT))
 def test_random_malformed_text_records_are_counted_never_raised(tmp_path_factory, records):
-    records = [(json.dumps({"text": "anchor"}).encode(), 0)] + records  # at least one usable record
     path = _jsonl(tmp_path_factory.mktemp("t") / "docs.jsonl", [r for r, _ in records])
     it = iter(text_dataset(_text_cfg(path, num_epochs=1, max_record_bytes=2048)))
     rows = list(it)  # never raises
     skipped = sum(v for k, v in it.counts().items() if k.startswith("skipped/"))
-    assert rows and skipped == sum(bad for _, bad in records)
+    assert rows and skipped == sum(bad for _, bad in records) == 100
 
 
-def _bad_mm_record():
-    conv = _conv()
-    return st.one_of(
-        JUNK.filter(lambda v: v not in (None, "", [], "x" * 3000)).map(
-            lambda v: {"image": v, "conversations": conv}
-        ),
-        JUNK.filter(lambda v: v not in (None, "")).map(
-            lambda v: {"image": "0.png", "video": v, "conversations": conv}
-        ),
-        JUNK.map(lambda v: {"image": "0.png", "conversations": v}),
-        JUNK.map(lambda v: {"image": "0.png", "conversations": [v, conv[1]]}),
-        JUNK.map(lambda v: {"image": "0.png", "conversations": [{"from": v, "value": "<image>"}, conv[1]]}),
-        JUNK.map(lambda v: {"image": "0.png", "conversations": [conv[0], {"from": "gpt", "value": v}]}),
-        JUNK.map(lambda v: [v]),  # not an object
-        st.just({"image": "missing.png", "conversations": conv}),
-        st.just({"image": "0.png", "conversations": _conv(a="z" * 2500)}),
-        BAD_BYTES.filter(lambda b: not b.strip().startswith(b"{")),
-        DEEP,
-    ).map(lambda r: r if isinstance(r, bytes) else json.dumps(r).encode())
-
-
-GOOD_MM = st.sampled_from(["0.png", "1.png", "2.png"]).map(
-    lambda p: json.dumps({"image": p, "conversations": _conv()}).encode()
+CONV = _conv()
+GOOD_MM = st.sampled_from(["0.png", "1.png", "2.png"]).map(lambda p: {"image": p, "conversations": CONV})
+BAD_MM = st.one_of(
+    NOT_STR.map(lambda v: {"image": v, "conversations": CONV}),
+    NOT_STR.map(lambda v: {"image": "0.png", "video": v, "conversations": CONV}),
+    JUNK.map(lambda v: {"image": "0.png", "conversations": v}),
+    JUNK.map(lambda v: {"image": "0.png", "conversations": [v, CONV[1]]}),
+    JUNK.map(lambda v: {"image": "0.png", "conversations": [{"from": v, "value": "<image>"}, CONV[1]]}),
+    st.one_of(st.none(), NOT_STR, HUGE).map(
+        lambda v: {"image": "0.png", "conversations": [CONV[0], {"from": "gpt", "value": v}]}
+    ),  # no text, or an answer longer than max_len
+    JUNK.map(lambda v: [v]),  # not an object
+    st.just({"image": "missing.png", "conversations": CONV}),
+    BAD_BYTES.filter(lambda b: not b.strip().startswith(b"{")),
+    DEEP,
 )
 
 
-@settings(max_examples=2, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.one_of(GOOD_MM.map(lambda r: (r, 0)), _bad_mm_record().map(lambda r: (r, 1))),
-                min_size=150, max_size=150))  # fmt: skip
+@SETTINGS
+@given(_mixed(GOOD_MM, BAD_MM))
 def test_random_malformed_multimodal_records_are_counted_never_raised(tmp_path_factory, records):
     tmp = tmp_path_factory.mktemp("mm")
     for i in range(3):
         Image.fromarray(np.full((20, 30, 3), 60 * i, np.uint8)).save(tmp / f"{i}.png")
-    records = [(json.dumps({"image": "1.png", "conversations": _conv()}).encode(), 0)] + records
     ann = _jsonl(tmp / "ann.jsonl", [r for r, _ in records])
     it = iter(multimodal_dataset(_mm_cfg(ann, tmp, num_epochs=1, max_record_bytes=4096)))
     rows = list(it)  # never raises
     skipped = sum(v for k, v in it.counts().items() if k.startswith("skipped/"))
-    assert len(rows) == sum(1 - bad for _, bad in records) and skipped == sum(bad for _, bad in records)
+    assert len(rows) == 50 and skipped == sum(bad for _, bad in records) == 100

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ import pytest
 from lct_jax.convert.__main__ import main as convert_main
 from lct_jax.errors import CheckpointError, DataError, WorkdirError
 from lct_jax.sharding import make_mesh
-from lct_jax.testing.events import event_files, read_scalars
+from lct_jax.testing.events import event_files, read_scalars, scalar_steps
 from lct_jax.train.checkpoint import check_step, choose_restore_step
 from lct_jax.train.run import load_config, run
 from lct_jax.train.workdir import LOCK_NAME
@@ -195,7 +196,7 @@ def test_restart_past_a_damaged_step_then_resume_step(stage0, tmp_path, capsys):
     assert [int(h["step_time_s"] > 0) for h in res.history] == [1] * 4  # steps 3..6 ran again
     # TensorBoard (its own reader, over every file): each step once, the replayed ones as the resumed run saw them
     losses = read_scalars(wd / "tb")["loss"]
-    assert sorted(losses) == list(range(1, 7))
+    assert scalar_steps(wd / "tb", "loss") == list(range(1, 7))  # steps 3 and 4 were logged twice
     np.testing.assert_allclose([losses[s] for s in (3, 4, 5, 6)], [h["loss"] for h in res.history], rtol=1e-6)
     assert len(event_files(wd / "tb")) == 2
     tags = read_scalars(wd / "tb")
@@ -225,3 +226,19 @@ def test_export_refuses_unfinished_and_damaged_steps(stage0, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
         assert not out.exists()
+
+
+def test_tensorboard_shows_replayed_steps_once(tmp_path):
+    from lct_jax.train.metrics import EventWriter
+
+    first = EventWriter(tmp_path)  # logged steps 1..4, then killed after its step-2 checkpoint
+    for s in range(1, 5):
+        first.scalars(s, {"loss": float(s)})
+    first.close()
+    time.sleep(1.1)  # event file names carry the second
+    resumed = EventWriter(tmp_path, purge_step=3)  # what run() passes when it resumes from step 2
+    for s in range(3, 7):
+        resumed.scalars(s, {"loss": 10.0 + s})
+    resumed.close()
+    assert scalar_steps(tmp_path, "loss") == [1, 2, 3, 4, 5, 6]  # TensorBoard's reader, over both files
+    assert read_scalars(tmp_path)["loss"] == {1: 1.0, 2: 2.0, 3: 13.0, 4: 14.0, 5: 15.0, 6: 16.0}
