@@ -70,17 +70,7 @@ def peak_rss(cmd: list[str], env: dict) -> tuple[float, str]:
     return usage.ru_maxrss / 2**20, text  # ru_maxrss is in KiB on Linux
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=int, default=50)
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--no-train", action="store_true", help="skip the two training runs (~1 min)")
-    parser.add_argument("--child", nargs=3, metavar=("PATH", "TOKENIZER", "BATCHES"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args.child[0], args.child[1], int(args.child[2]))
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
-    tmp = Path(tempfile.mkdtemp(prefix="lct_huge_"))
+def measure(tmp: Path, args, env: dict) -> list[tuple[str, dict[str, float]]]:
     normal, huge = write_data(tmp, args.mb)
     print(
         f"data: 300 documents ({normal.stat().st_size / 1e3:.0f} kB), and the same + one {args.mb} MB document"
@@ -96,13 +86,27 @@ def main() -> None:
     if not args.no_train:
         got = {}
         for name, path in (("normal", normal), ("huge", huge)):
-            work = tmp / f"run_{name}"
             cmd = [sys.executable, "-m", "lct_jax.train", "--config=configs/text_extension.py:size=tiny",
-                   f"--workdir={work}", f"--config.data.paths={path}", "--config.num_steps=20",
+                   f"--workdir={tmp / f'run_{name}'}", f"--config.data.paths={path}", "--config.num_steps=20",
                    "--config.progress=False", "--config.log_every=20"]  # fmt: skip
             got[name], _ = peak_rss(cmd, env)
             print(f"  train CLI, size=tiny, 20 steps, {name:6s}: peak RSS {got[name]:.2f} GB")
         rows.append(("train CLI (byte)", got))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=50)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--no-train", action="store_true", help="skip the two training runs (~1 min)")
+    parser.add_argument("--child", nargs=3, metavar=("PATH", "TOKENIZER", "BATCHES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], args.child[1], int(args.child[2]))
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="lct_huge_") as tmp:
+        rows = measure(Path(tmp), args, env)
     print("\nhuge / normal peak RSS (target <= 2x):")
     for what, got in rows:
         print(f"  {what:18s} {got['huge']:.2f} / {got['normal']:.2f} GB = {got['huge'] / got['normal']:.2f}x")

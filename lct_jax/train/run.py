@@ -247,9 +247,11 @@ def _run(config, workdir: Path, mesh, kind, model_cfg, make_model, data_iter) ->
         write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     data_iter = data_iter if data_iter is not None else build_data(config, mesh, model_cfg)
     ckpt_dir = workdir / "checkpoints"
-    resume = choose_restore_step(ckpt_dir, config.resume_step, move=primary)
-    if jax.process_count() > 1:  # every process verified the same files; wait for process 0's renames
+    # process 0 verifies and renames bad steps aside first; then the others verify what is left (the same files)
+    resume = choose_restore_step(ckpt_dir, config.resume_step) if primary else None
+    if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lct_jax: checkpoint steps verified")
+        resume = resume if primary else choose_restore_step(ckpt_dir, config.resume_step, move=False)
     ckpt = Checkpointer(
         ckpt_dir,
         every=config.checkpoint.every,

@@ -119,3 +119,4 @@ def test_sigterm_exits_cleanly_with_checkpoint_at_current_step(tmp_path):
     saved = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     print(f"SIGTERM after step {last_logged}: checkpoint at step {saved}")
     assert saved == last_logged and f"saved a checkpoint at step {saved}" in out
+    assert not (run_dir / "train.lock").exists()  # released
