@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from lct_jax.cli import skip_absent_tpu
-
 REPO = Path(__file__).resolve().parent.parent
 COLORS = {
     "red": (220, 30, 30),
@@ -275,9 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="everything goes here (data, runs, exports)")
     parser.add_argument("--steps", type=int, default=None, help="steps per stage (default: each config's)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # (libtpu is then never started: no TPU_* variables needed)
     from absl import logging as absl_logging  # noqa: PLC0415
-
-    skip_absent_tpu()  # quiet libtpu on a CPU host (no environment variables: subprocesses see the user's own)
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     t0 = time.time()
