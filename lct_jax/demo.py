@@ -273,8 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="everything goes here (data, runs, exports)")
     parser.add_argument("--steps", type=int, default=None, help="steps per stage (default: each config's)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu when it is installed
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # (libtpu is then never started: no TPU_* variables needed)
     from absl import logging as absl_logging  # noqa: PLC0415
 
     absl_logging.set_verbosity(absl_logging.WARNING)

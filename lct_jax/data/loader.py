@@ -2,9 +2,13 @@
 
 Pipeline (per process)::
 
-    source --shuffle(seed)--> [shard_index::shard_count] --repeat--> map(record -> sample | Skipped)
-        --to_iter_dataset--> pack rows (+ per-row `_skips`) --zigzag rows (seq > 1)--> batch(B)
+    range(len(source)) --shuffle(seed)--> [shard_index::shard_count] --repeat--> map(source index -> sample |
+        Skipped, see lct_jax.data.skips.RecordReader) --to_iter_dataset--> pack rows (+ per-row `_skips`; the
+        SkipGuard logs, bounds and raises skips as they are consumed) --zigzag rows (seq > 1)--> batch(B)
         --mp_prefetch(num_workers)--> Finalize (sums `_skips` into counts(), drops the field)
+
+The shuffle permutes source *indices*, so a skipped record is named by its place in the source
+(``docs.jsonl:17``), not by its position in the shuffled stream.
 
 - **Multi-host**: every process shuffles the whole record list with the same seed and keeps every
   ``shard_count``-th record from ``shard_index``, so shards are disjoint and cover the epoch. The default is
@@ -19,8 +23,11 @@ Pipeline (per process)::
   composite next to the model (see :func:`checkpoint_args`; one ``process_<i>-of-<n>.json`` per process). Every
   state carries its :class:`StreamLayout` (records, shard index/count, workers, seed), so a restore can tell
   whether it is exact (see *Data stream* below for other process counts and shardings).
-- **Bad records** are dropped with a logged warning and counted; ``it.counts()`` gives
-  ``{'skipped/<reason>': n, 'rows': ..., 'batches': ...}`` for the training metrics (``strict=True`` raises).
+- **Bad records** are dropped with a logged (rate-limited) warning naming the source record and counted;
+  ``it.counts()`` gives ``{'skipped/<reason>': n, 'rows': ..., 'batches': ...}`` for the training metrics, with
+  the reasons this stage can produce (``strict=True`` raises). When the data yields nothing usable (an epoch of
+  skips in a row, or more than ``max_skip_fraction`` of the last ``skip_window`` records) the iterator raises
+  :class:`lct_jax.errors.DataError` naming the likely cause instead of skipping forever.
 
 Data stream: what a seed fixes, and what a change of sharding does
 ------------------------------------------------------------------
@@ -67,7 +74,10 @@ import numpy as np
 from etils import epath
 from grain import DatasetIterator, IterDataset
 
-from lct_jax.data.skips import SKIP_REASONS, skips_to_dict
+from lct_jax.data import multimodal, text
+from lct_jax.data.options import PipelineOptions
+from lct_jax.data.skips import SKIP_REASONS, RecordReader, SkipPolicy, skips_to_dict
+from lct_jax.errors import DataError
 from lct_jax.ops.zigzag import unzigzag, zigzag
 
 log = logging.getLogger("lct_jax.data")
@@ -126,25 +136,30 @@ def mark_absl_flags_parsed() -> None:
 
 
 class _FinalizeIterator(DatasetIterator):
-    def __init__(self, parent: DatasetIterator, layout: dict[str, Any]):
+    def __init__(self, parent: DatasetIterator, layout: dict[str, Any], reasons: tuple[str, ...]):
         super().__init__(parent)
         self.layout = layout
+        self._reasons = reasons
         self._skips = np.zeros([len(SKIP_REASONS)], np.int64)
         self._rows = 0
         self._batches = 0
 
     def __next__(self):
-        # plain copies: worker batches arrive in shared memory blocks that are freed only with their arrays
-        batch = {k: np.array(v) for k, v in next(self._parent).items()}
-        skips = batch.pop("_skips")  # [B, R]
-        self._skips += skips.sum(0)
-        self._rows += skips.shape[0]
+        while True:
+            # plain copies: worker batches arrive in shared memory blocks that are freed only with their arrays
+            batch = {k: np.array(v) for k, v in next(self._parent).items()}
+            self._skips += batch.pop("_skips").sum(0)  # [B, R] -> [R]
+            rows = int(batch["segment_ids"].any(axis=1).sum())
+            if rows:  # else only the empty row that carries the last skips of finite data
+                break
+        self._rows += rows
         self._batches += 1
         return batch
 
     def counts(self) -> dict[str, int]:
-        """Cumulative ``skipped/<reason>`` counts plus ``rows`` and ``batches`` produced (restored on resume)."""
-        return {**skips_to_dict(self._skips), "rows": self._rows, "batches": self._batches}
+        """Cumulative ``skipped/<reason>`` counts (the reasons this pipeline can produce) plus ``rows`` and
+        ``batches`` produced (restored on resume)."""
+        return {**skips_to_dict(self._skips, self._reasons), "rows": self._rows, "batches": self._batches}
 
     def get_state(self):
         return {
@@ -167,12 +182,13 @@ class _FinalizeIterator(DatasetIterator):
 
 
 class FinalizeIterDataset(IterDataset):
-    def __init__(self, parent: IterDataset, layout: dict[str, Any]):
+    def __init__(self, parent: IterDataset, layout: dict[str, Any], reasons: tuple[str, ...] = SKIP_REASONS):
         super().__init__(parent)
         self.layout = layout  # StreamLayout as a dict: travels in every saved state
+        self._reasons = reasons
 
     def __iter__(self):
-        return _FinalizeIterator(self._parent.__iter__(), self.layout)
+        return _FinalizeIterator(self._parent.__iter__(), self.layout, self._reasons)
 
     def __str__(self):
         return "FinalizeIterDataset"
@@ -181,45 +197,36 @@ class FinalizeIterDataset(IterDataset):
 # -------------------------------------------------------------------------------------------- pipelines
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-    """What every stage shares. ``batch_size`` is per process (global batch = batch_size * shard_count)."""
+def build_pipeline(source, prepare, pack_fn, opts: PipelineOptions, reasons: tuple[str, ...], read=(16, 500)):
+    """source (random access) -> batches.
 
-    batch_size: int = 1
-    seq_shards: int = 1  # size of the mesh 'seq' axis (zigzag when > 1)
-    shuffle: bool = True
-    seed: int = 0
-    num_epochs: int | None = None  # None = repeat forever
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    # threads/buffer of grain's per-process record reader (None: 16/500 for text, 2/4 for images, whose decoded
-    # samples are ~4 MB of uint8 tiles each at 12 tiles and ~16 MB at 49, so grain's default buffer of 500 would
-    # hold 2-8 GB)
-    read_threads: int | None = None
-    read_buffer: int | None = None
-    shard_index: int | None = None  # None = jax.process_index()
-    shard_count: int | None = None  # None = jax.process_count()
-    strict: bool = False
-
-
-def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions, read=(16, 500)) -> IterDataset:
-    """source (random access) -> batches; ``record_fn(index, record)`` maps records, ``pack_fn`` packs rows."""
+    ``prepare(record)`` maps one record to a sample or raises :class:`lct_jax.data.skips.BadRecord` with one of
+    ``reasons``; ``pack_fn(samples, skip_policy)`` packs rows. Returns the :class:`FinalizeIterDataset`.
+    """
     if opts.batch_size < 1:
         raise ValueError(f"batch_size={opts.batch_size} must be >= 1")
-    ds = grain.MapDataset.source(source)
-    if len(ds) == 0:
-        raise ValueError("the data source is empty")
-    records = len(ds)
+    if len(source) == 0:
+        named = getattr(source, "paths", None) or getattr(source, "path", None) or "(given)"
+        raise DataError(f"the data source {named} holds no records; check the data files")
+    records = len(source)
+    ds = grain.MapDataset.range(records)
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)
     i, n = process_shard(opts.shard_index, opts.shard_count)
     ds = ds[i::n]
+    if len(ds) == 0:
+        raise DataError(f"data shard {i} of {n} gets no records: the source holds {len(source)}, fewer than the "
+                        "data shards")  # fmt: skip
+    policy = SkipPolicy(strict=opts.strict, max_fraction=opts.max_skip_fraction, window=opts.skip_window,
+                        epoch_records=len(ds))  # fmt: skip
     if opts.num_epochs != 1:
         ds = ds.repeat(opts.num_epochs)
-    ds = ds.map_with_index(record_fn)
+    ds = ds.map(RecordReader(source, prepare, reasons, opts.max_record_bytes))
     threads = read[0] if opts.read_threads is None else opts.read_threads
     buffer = read[1] if opts.read_buffer is None else opts.read_buffer
-    it = pack_fn(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)))
+    it = pack_fn(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)), policy
+    )
     if opts.seq_shards > 1:
         it = it.map(functools.partial(zigzag_row, seq_shards=opts.seq_shards))
     it = it.batch(opts.batch_size, drop_remainder=False)
@@ -232,35 +239,33 @@ def build_pipeline(source, record_fn, pack_fn, opts: PipelineOptions, read=(16, 
     layout = StreamLayout(
         records, i, n, opts.num_workers, opts.seed if opts.shuffle else None, opts.num_epochs
     )
-    return FinalizeIterDataset(it, dataclasses.asdict(layout))
+    return FinalizeIterDataset(it, dataclasses.asdict(layout), reasons)
 
 
-def text_dataset(cfg) -> IterDataset:
+def text_dataset(cfg: text.TextDataConfig) -> IterDataset:
     """Stage-0 pipeline from a :class:`lct_jax.data.text.TextDataConfig`."""
-    from lct_jax.data import text
-
     tok = text.make_tokenizer(cfg.tokenizer)
     seq_len = padded_length(cfg.seq_len, cfg.options.seq_shards)
     return build_pipeline(
         text.make_source(cfg),
-        text.TokenizeDocument(tok, cfg.field, cfg.record_format, cfg.options.strict),
-        lambda it: text.PackTextIterDataset(
-            it, seq_len, tok.bos_id, tok.pad_id, cfg.per_document, cfg.drop_remainder
+        text.TokenizeDocument(tok, cfg.field, cfg.record_format),
+        lambda it, skips: text.PackTextIterDataset(
+            it, seq_len, tok.bos_id, tok.pad_id, cfg.per_document, cfg.drop_remainder, skips
         ),
         cfg.options,
+        text.TEXT_SKIPS,
     )
 
 
-def multimodal_dataset(cfg) -> IterDataset:
+def multimodal_dataset(cfg: multimodal.MultimodalDataConfig) -> IterDataset:
     """Stage-1/2 pipeline from a :class:`lct_jax.data.multimodal.MultimodalDataConfig`."""
-    from lct_jax.data import multimodal
-
     cfg = dataclasses.replace(cfg, max_len=padded_length(cfg.max_len, cfg.options.seq_shards))
     return build_pipeline(
         multimodal.make_source(cfg),
         multimodal.PrepareSample(cfg),
-        lambda it: multimodal.PackSamplesIterDataset(it, cfg),
+        lambda it, skips: multimodal.PackSamplesIterDataset(it, cfg, skips),
         cfg.options,
+        multimodal.MULTIMODAL_SKIPS,
         read=(2, 4),
     )
 

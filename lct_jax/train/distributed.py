@@ -52,6 +52,8 @@ import jax
 # private, but exactly what jax.distributed.initialize() consults; jax is pinned (pyproject.toml)
 from jax._src import clusters as jax_clusters
 
+from lct_jax.errors import UserError
+
 MODES = ("auto", "yes", "no")
 
 # setting -> environment variables read when its flag is not given, first set wins
@@ -66,7 +68,7 @@ REQUIRED = ("coordinator_address", "num_processes", "process_id")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d+)$")  # host:port, [ipv6]:port
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
     """A distributed setting that is wrong or missing, or a runtime that would not start (one line)."""
 
 
