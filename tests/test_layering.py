@@ -1,6 +1,6 @@
 """Imports flow one way (README / team rules): kernels ← ops ← model ← train, with data and convert beside the
-model; eval above them. Checked on every ``import`` statement of the package's source (top-level or inside a
-function), so an import added anywhere in a layer is caught."""
+model; eval above them; and no module imports itself in a circle. Checked on every ``import`` statement of the
+package's source (top-level or inside a function), so an import added anywhere is caught."""
 
 import ast
 from pathlib import Path
@@ -47,3 +47,25 @@ def test_import_direction(globs, forbidden):
         if m == forbidden or any(m == p or m.startswith(p + ".") for p in forbidden)
     }
     assert not bad, sorted(bad)
+
+
+def test_no_import_circles():
+    files = {".".join(("lct_jax", *f.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__"): f
+             for f in PKG.rglob("*.py")}  # fmt: skip
+    graph = {m: {d for d in imported_modules(f) if d in files and d != m and not m.startswith(d + ".")}
+             for m, f in files.items()}  # fmt: skip
+    circles, state = [], {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                circles.append(stack[stack.index(d) :] + [d])
+            elif d not in state:
+                visit(d, [*stack, d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

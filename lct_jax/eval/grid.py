@@ -168,6 +168,13 @@ class GridRun:
         return self.results
 
 
+def print_summary(name: str, results: dict, out) -> None:
+    """What a finished grid run prints: the mean and where its files are."""
+    out = Path(out)
+    print(f"{name} mean {results['mean']:.3f} over {len(results['cells'])} cells")
+    print(f"results  {out / RESULTS}\nheatmap  {out / HEATMAP}\nevents   {out / EVENTS}")
+
+
 def heatmap_png(
     grid: np.ndarray, xs: Sequence, depths: Sequence[float], *, title: str, x_label: str
 ) -> bytes:

@@ -29,6 +29,7 @@ from lct_jax.convert.checkpoint import (
 )
 from lct_jax.data.tokenizer import load_tokenizer
 from lct_jax.eval.cli import EvalError, add_distributed_flag
+from lct_jax.kernels import KERNELS
 from lct_jax.sharding import make_mesh, state_shardings
 
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -64,19 +65,30 @@ class EvalModel:
 
 
 def load_eval_model(
-    ckpt: str | os.PathLike, mesh: Mesh, *, param_dtype: str | None = None, **overrides
+    ckpt: str | os.PathLike,
+    mesh: Mesh,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    attention: str | None = None,
+    ring_kernel: str | None = None,
 ) -> EvalModel:
-    """Restore a checkpoint onto ``mesh``: every param with its sharding, cast to ``param_dtype`` (None: as stored
-    in the config, fp32) while restoring. ``overrides`` replace config fields (``dtype='float32'``,
-    ``ring_kernel='pallas_tpu'``; for LongVA both towers)."""
+    """Restore a checkpoint onto ``mesh``: every param with its sharding, cast to ``param_dtype`` while restoring.
+
+    ``None`` keeps the checkpoint config's value: ``param_dtype`` (fp32 as trained), ``dtype`` (compute; for
+    LongVA both towers), ``attention`` ('auto' = ring attention when the mesh's seq axis > 1; 'ring' on one
+    device is blockwise attention, memory flat in T; 'dense' is the reference) and ``ring_kernel`` ('xla',
+    'pallas_tpu', 'pallas_gpu')."""
     step = resolve_checkpoint(ckpt)
-    if param_dtype is not None:
-        if param_dtype not in PARAM_DTYPES:
-            raise EvalError(f"--param-dtype {param_dtype!r}: expected one of {PARAM_DTYPES}")
-        overrides["param_dtype"] = param_dtype
+    if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+        raise EvalError(f"--param-dtype {param_dtype!r}: expected one of {PARAM_DTYPES}")
+    dtypes = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v is not None}
+    lm = {k: v for k, v in (("attention", attention), ("ring_kernel", ring_kernel)) if v is not None}
     try:
-        kind, cfg = read_model_config(step, **overrides)
-    except (ConversionError, TypeError) as e:
+        kind, cfg = read_model_config(step, **dtypes)
+        if lm:
+            cfg = cfg.replace(**lm) if kind == "qwen2" else cfg.replace(text=cfg.text.replace(**lm))
+    except (ConversionError, TypeError, ValueError) as e:
         raise EvalError(f"--ckpt {step}: {e}") from e
     _, model_cls = model_classes(kind)
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
@@ -99,6 +111,18 @@ def load_eval_model(
         handler.close()
     state.replace_by_pure_dict(restored)
     return EvalModel(kind, cfg, nnx.merge(graphdef, state), step)
+
+
+def eval_setup(model, mesh: Mesh | None, tokenizer, **overrides) -> tuple[Mesh, EvalModel, object]:
+    """(mesh, model, tokenizer) for a run: ``mesh`` defaults to every device on ``seq``; ``model`` is an
+    :class:`EvalModel` or a checkpoint path restored onto the mesh with ``overrides`` (:func:`load_eval_model`);
+    ``tokenizer`` is a tokenizer, its name/path, or None (the checkpoint's, :func:`resolve_tokenizer`)."""
+    mesh = make_mesh(1, -1, 1) if mesh is None else mesh
+    if not isinstance(model, EvalModel):
+        model = load_eval_model(model, mesh, **overrides)
+    if tokenizer is None or isinstance(tokenizer, str):
+        tokenizer = resolve_tokenizer(tokenizer, model.checkpoint)
+    return mesh, model, tokenizer
 
 
 def resolve_tokenizer(name_or_path: str | None, checkpoint: str | os.PathLike):
@@ -136,14 +160,35 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=int, default=1, help="tensor-parallel devices (heads, MLP, vocabulary)")
     p.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16"),
                    help="cast params while restoring (default: as stored; bfloat16 halves a 7B model)")  # fmt: skip
-    p.add_argument("--dtype", default=None, help="compute dtype override (default: the checkpoint config's)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint config's)")
+    p.add_argument("--attention", default=None, choices=("auto", "ring", "dense"),
+                   help="default: the checkpoint's (auto = ring when --seq > 1); ring on one device = blockwise")  # fmt: skip
+    p.add_argument("--ring-kernel", default=None, choices=KERNELS,
+                   help="ring attention block kernel (default: the checkpoint's; pallas_tpu on TPU)")  # fmt: skip
     p.add_argument("--bucket", type=int, default=1, help="pad sequences to a multiple of this many tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_distributed_flag(p)
 
 
 def mesh_from_args(args) -> Mesh:
+    """``data=1 x seq x model``: all devices with ``--seq -1``, else the first ``seq x model`` of them."""
     try:
-        return make_mesh(1, args.seq, args.model)
+        if args.seq == -1:
+            return make_mesh(1, -1, args.model)
+        return make_mesh(1, args.seq, args.model, devices=jax.devices()[: max(args.seq * args.model, 0)])
     except ValueError as e:
         raise EvalError(f"--seq {args.seq} --model {args.model}: {e}") from e
+
+
+def run_kwargs(args) -> dict:
+    """The keyword arguments of ``run_vniah`` / ``run_text_niah`` that :func:`add_model_arguments` sets."""
+    return dict(
+        tokenizer=args.tokenizer,
+        mesh=mesh_from_args(args),
+        param_dtype=args.param_dtype,
+        dtype=args.dtype,
+        attention=args.attention,
+        ring_kernel=args.ring_kernel,
+        bucket=args.bucket,
+        progress=not args.no_progress,
+    )

@@ -314,7 +314,9 @@ class Scorer:
         self.lm_cfg = lm.cfg
         self.mesh = mesh
         self.bucket = bucket
-        self.params = nnx.state(lm).to_pure_dict()
+        state = nnx.state(lm)
+        # a no-op for params restored onto this mesh (loading.load_eval_model); places any other model's
+        self.params = jax.device_put(state.to_pure_dict(), state_shardings(state, mesh).to_pure_dict())
         self._forwards: dict[tuple[int, int, bool], ScoreForward] = {}
 
     @property

@@ -50,16 +50,14 @@ from jax.sharding import Mesh
 
 from lct_jax.convert.checkpoint import config_to_dict
 from lct_jax.eval.cli import EvalError, start_distributed
-from lct_jax.eval.grid import GridRun, parse_grid
+from lct_jax.eval.grid import GridRun, parse_grid, print_summary
 from lct_jax.eval.loading import (
-    EvalModel,
     add_model_arguments,
-    load_eval_model,
-    mesh_from_args,
-    resolve_tokenizer,
+    eval_setup,
+    resolve_checkpoint,
+    run_kwargs,
 )
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
-from lct_jax.sharding import make_mesh
 
 PREFIX = "This is a very long story book: <book>"
 NEEDLE = "\nThe special magic {city} number is: {answer}.\n"
@@ -221,6 +219,8 @@ def run_text_niah(
     mesh: Mesh | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    attention: str | None = None,
+    ring_kernel: str | None = None,
     bucket: int = 1,
     progress: bool = True,
     template: Template = Template(),
@@ -232,15 +232,6 @@ def run_text_niah(
     :class:`~lct_jax.eval.loading.EvalModel`; ``lengths`` are haystack tokens (the prompt adds ~230 with the byte
     tokenizer, ~60 with Qwen's); ``template`` / ``answers``: another task (module docstring; ``answers`` replaces
     the ``samples`` seeded numbers); the other arguments as in :func:`lct_jax.eval.vniah.run_vniah`."""
-    mesh = make_mesh(1, -1, 1) if mesh is None else mesh
-    if not isinstance(model, EvalModel):
-        overrides = {"dtype": dtype} if dtype else {}
-        model = load_eval_model(model, mesh, param_dtype=param_dtype, **overrides)
-    tok = (
-        resolve_tokenizer(tokenizer, model.checkpoint)
-        if tokenizer is None or isinstance(tokenizer, str)
-        else tokenizer
-    )
     lengths, depths = sorted(int(x) for x in lengths), sorted(float(d) for d in depths)
     if not lengths or lengths[0] < 1:
         raise EvalError(f"--lengths {lengths}: must be >= 1 token")
@@ -253,6 +244,8 @@ def run_text_niah(
         samples = len(answers)
     if samples < 1 or not 0 <= distractors <= len(DISTRACTOR_CITIES):
         raise EvalError(f"--samples {samples} must be >= 1 and --distractors {distractors} in 0..6")
+    overrides = dict(param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel)
+    mesh, model, tok = eval_setup(model, mesh, tokenizer, **overrides)
     config = {
         "checkpoint": str(model.checkpoint),
         "model": {"kind": model.kind, **config_to_dict(model.cfg)},
@@ -313,24 +306,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    ckpt = resolve_checkpoint(args.ckpt)  # the user's mistakes end before JAX starts its backends
+    lengths, depths = parse_grid(args.lengths, int), parse_grid(args.depths)
     start_distributed(args.distributed)
     results = run_text_niah(
-        args.ckpt,
+        ckpt,
         args.out,
-        lengths=parse_grid(args.lengths, int),
-        depths=parse_grid(args.depths),
+        lengths=lengths,
+        depths=depths,
         samples=args.samples,
         distractors=args.distractors,
         filler=args.filler,
         seed=args.seed,
-        tokenizer=args.tokenizer,
-        mesh=mesh_from_args(args),
-        param_dtype=args.param_dtype,
-        dtype=args.dtype,
-        bucket=args.bucket,
-        progress=not args.no_progress,
+        **run_kwargs(args),
     )
-    out = Path(args.out)
-    print(f"text NIAH mean {results['mean']:.3f} over {len(results['cells'])} cells")
-    print(f"results  {out / 'results.json'}\nheatmap  {out / 'heatmap.png'}\nevents   {out / 'tb'}")
+    print_summary("text NIAH", results, args.out)
     return 0

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from jax.sharding import Mesh
@@ -53,19 +52,18 @@ from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, encode_qwe
 from lct_jax.data.unires import load_image
 from lct_jax.eval.cli import EvalError, start_distributed
 from lct_jax.eval.encode import FrameEncoder, letterbox
-from lct_jax.eval.grid import GridRun, parse_grid
+from lct_jax.eval.grid import GridRun, parse_grid, print_summary
 from lct_jax.eval.loading import (
     EvalModel,
     add_model_arguments,
-    load_eval_model,
-    mesh_from_args,
-    resolve_tokenizer,
+    eval_setup,
+    resolve_checkpoint,
+    run_kwargs,
 )
 from lct_jax.eval.needles import Needle, load_needles
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
 from lct_jax.eval.store import EmbeddingStore, StoreError
 from lct_jax.model.longva import IMAGE_TOKEN
-from lct_jax.sharding import make_mesh
 
 DEFAULT_FRAMES = "200:3000:200"
 DEFAULT_DEPTHS = "0:1:0.2"
@@ -188,6 +186,8 @@ def run_vniah(
     mesh: Mesh | None = None,
     param_dtype: str | None = None,
     dtype: str | None = None,
+    attention: str | None = None,
+    ring_kernel: str | None = None,
     bucket: int = 1,
     allow_other_checkpoint: bool = False,
     progress: bool = True,
@@ -197,7 +197,9 @@ def run_vniah(
     ``model``: a LongVA checkpoint path (restored onto ``mesh``, default: every device on ``seq``) or an
     :class:`~lct_jax.eval.loading.EvalModel`; ``haystack``: a store path or :class:`EmbeddingStore`; ``needles``:
     a needles JSON path or a list of :class:`Needle`; ``tokenizer``: a tokenizer or its name/path (default: the
-    checkpoint's); ``bucket``: pad every sequence to a multiple of this many tokens (fewer compiles)."""
+    checkpoint's); ``param_dtype``, ``dtype``, ``attention``, ``ring_kernel``: config overrides when ``model`` is a
+    path (:func:`~lct_jax.eval.loading.load_eval_model`); ``bucket``: pad every sequence to a multiple of this many
+    tokens (fewer compiles, more padding)."""
     frames, depths = sorted(int(f) for f in frames), sorted(float(d) for d in depths)
     if not depths or depths[0] < 0 or depths[-1] > 1:
         raise EvalError(f"--depths {depths}: must lie in [0, 1]")
@@ -205,24 +207,17 @@ def run_vniah(
     if not frames or frames[0] < 1 or frames[-1] > store.shape[0]:
         raise EvalError(f"--frames {frames}: must lie in 1..{store.shape[0]} (the haystack's frames)")
     needles = load_needles(needles) if isinstance(needles, (str, os.PathLike)) else list(needles)
-    mesh = make_mesh(1, -1, 1) if mesh is None else mesh
-    if not isinstance(model, EvalModel):
-        overrides = {"dtype": dtype} if dtype else {}
-        model = load_eval_model(model, mesh, param_dtype=param_dtype, **overrides)
+    overrides = dict(param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel)
+    mesh, model, tok = eval_setup(model, mesh, tokenizer, **overrides)
     if model.kind != "longva":
         raise EvalError(
             f"V-NIAH needs a LongVA (stage 1/2) checkpoint; {model.checkpoint} is a {model.kind} model"
         )
     check_haystack(store, model, allow_other_checkpoint=allow_other_checkpoint)
-    tok = (
-        resolve_tokenizer(tokenizer, model.checkpoint)
-        if tokenizer is None or isinstance(tokenizer, str)
-        else tokenizer
-    )
     config = {
         "checkpoint": str(model.checkpoint),
         "model": {"kind": model.kind, **config_to_dict(model.cfg)},
-        "haystack": str(store.path),
+        "haystack": store.path if "://" in store.path else os.path.abspath(store.path),
         "haystack_shape": list(store.shape),
         "needles": [
             {
@@ -285,24 +280,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    # the user's files first: their mistakes end before JAX starts its backends
+    ckpt, store, needles = (
+        resolve_checkpoint(args.ckpt),
+        open_haystack(args.haystack),
+        load_needles(args.needles),
+    )
+    frames, depths = parse_grid(args.frames, int), parse_grid(args.depths)
     start_distributed(args.distributed)
     results = run_vniah(
-        args.ckpt,
-        args.haystack,
-        args.needles,
+        ckpt,
+        store,
+        needles,
         args.out,
-        frames=parse_grid(args.frames, int),
-        depths=parse_grid(args.depths),
+        frames=frames,
+        depths=depths,
         system=args.system,
-        tokenizer=args.tokenizer,
-        mesh=mesh_from_args(args),
-        param_dtype=args.param_dtype,
-        dtype=args.dtype,
-        bucket=args.bucket,
         allow_other_checkpoint=args.allow_other_checkpoint,
-        progress=not args.no_progress,
+        **run_kwargs(args),
     )
-    out = Path(args.out)
-    print(f"V-NIAH mean {results['mean']:.3f} over {len(results['cells'])} cells")
-    print(f"results  {out / 'results.json'}\nheatmap  {out / 'heatmap.png'}\nevents   {out / 'tb'}")
+    print_summary("V-NIAH", results, args.out)
     return 0

@@ -15,6 +15,7 @@ from lct_jax.eval import vniah
 from lct_jax.eval.__main__ import main as eval_main
 from lct_jax.eval.cli import EvalError
 from lct_jax.eval.grid import GridRun
+from lct_jax.eval.loading import load_eval_model
 from lct_jax.eval.needles import Needle
 from lct_jax.eval.scoring import padded_length
 from lct_jax.eval.store import EmbeddingStore
@@ -185,13 +186,15 @@ def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):
         (["--frames", "4:40:4"], "must lie in 1..12"),
         (["--depths", "0,1.5"], "must lie in \\[0, 1\\]"),
         (["--frames", "a:b"], "expected MIN:MAX:STEP"),
-        (["--seq", "3"], "--seq 3 --model 1"),
+        (["--seq", "16"], "--seq 16 --model 1: .* 8 are available"),
     ]
     for extra, message in cases:
         assert _cli(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
         assert re.search(message, err), (message, err)
-    # the override: a haystack from another checkpoint is accepted when asked for
-    assert _cli(base + ["--haystack", str(other), "--allow-other-checkpoint"]) == 0
-    assert "V-NIAH mean" in capsys.readouterr().out
+    # the override: a haystack from another checkpoint is accepted when asked for (the CLI run: test_vniah_resume)
+    model = load_eval_model(t["ckpt"], make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    vniah.check_haystack(EmbeddingStore.open(other), model, allow_other_checkpoint=True)
+    with pytest.raises(EvalError, match="was encoded by checkpoint"):
+        vniah.check_haystack(EmbeddingStore.open(other), model)
