@@ -68,22 +68,20 @@ import sys
 import time
 from pathlib import Path
 
-# sized for a CPU (set JAX_PLATFORMS to run elsewhere); read when jax is first imported, just below
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu when it is installed
+import numpy as np
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from lct_jax.data.multimodal import MultimodalDataConfig, PrepareSample, make_source  # noqa: E402
-from lct_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from lct_jax.eval.cli import USER_ERRORS  # noqa: E402
-from lct_jax.eval.grid import HEATMAP_COLORS  # noqa: E402
-from lct_jax.eval.haystack import build_haystack  # noqa: E402
-from lct_jax.eval.loading import resolve_checkpoint  # noqa: E402
-from lct_jax.eval.text_niah import Template, run_text_niah  # noqa: E402
-from lct_jax.eval.vniah import prompt_ids, run_vniah  # noqa: E402
-from lct_jax.train.run import load_config, run  # noqa: E402
+from lct_jax.cli import report_errors, skip_absent_tpu
+from lct_jax.data.multimodal import MultimodalDataConfig, PrepareSample, make_source
+from lct_jax.data.tokenizer import load_tokenizer
+from lct_jax.errors import UserError
+from lct_jax.eval.cli import USER_ERRORS
+from lct_jax.eval.grid import HEATMAP_COLORS
+from lct_jax.eval.haystack import build_haystack
+from lct_jax.eval.loading import resolve_checkpoint
+from lct_jax.eval.text_niah import Template, run_text_niah
+from lct_jax.eval.vniah import prompt_ids, run_vniah
+from lct_jax.train.run import load_config, run
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CONFIGS = REPO / "configs"
@@ -577,7 +575,7 @@ def check_workdir(work: Path, seed: int, plan: Plan) -> None:
     path.write_text(json.dumps(want, indent=1) + "\n")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """A mistake the user can fix; shown as one ``error:`` line."""
 
 
@@ -662,14 +660,15 @@ def main(argv=None) -> int:
                    help="a few steps of every stage and a 3-column grid (about a minute): checks the whole path, "
                    "not the phenomenon")  # fmt: skip
     args = p.parse_args(argv)
-    from absl import logging as absl_logging  # noqa: PLC0415
+    from absl import logging as absl_logging  # noqa: PLC0415  (only the command line sets the log level)
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+    skip_absent_tpu()  # the CPU on a host without accelerators, without libtpu's start-up noise
+    plan = Plan.reduced() if args.smoke else Plan()
     try:
-        results = run_experiment(Path(args.workdir), args.seed, Plan.reduced() if args.smoke else Plan())
-    except (ExperimentError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        results = run_experiment(Path(args.workdir), args.seed, plan)
+    except USER_ERRORS as e:  # the evaluation's own user errors (not all lct_jax.errors.UserError yet)
+        raise ExperimentError(str(e)) from e
     work = Path(args.workdir).absolute()
     print(f"\n=== done in {results['total_seconds'] / 60:.1f} min (load average now {load_average()})")
     print(f"longest stage-2 row: {results['longest_stage2_row']} tokens (S = {results['plan']['short_len']})")
@@ -679,4 +678,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_errors(main, sys.argv))
