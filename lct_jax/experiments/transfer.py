@@ -151,7 +151,7 @@ class Plan:
             max_frames=4,
             pool=8,
             stage1_grays=4,
-            frames=(1, 4, 12),
+            frames=(1, 12),  # one column inside S, one past it (each column is a compile)
             depths=(0.0, 1.0),
         )
 
@@ -657,7 +657,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="data, every stage's run, evaluations and the report")
     p.add_argument("--seed", type=int, default=0, help="data, evaluation draws and initialization")
     p.add_argument("--smoke", action="store_true",
-                   help="a few steps of every stage and a 3-column grid (about a minute): checks the whole path, "
+                   help="a few steps of every stage and a 2-column grid (a few minutes): checks the whole path, "
                    "not the phenomenon")  # fmt: skip
     args = p.parse_args(argv)
     from absl import logging as absl_logging  # noqa: PLC0415  (only the command line sets the log level)
