@@ -54,6 +54,9 @@ What stage 0 learns (measured, seed 0): not the text retrieval. After its 200 st
 0.31 inside S and the short arm's 0.17 (chance: 1/6; both stage-0 losses end at 2.66-2.67); the
 retrieval is learned in stage 2 on short rows (both arms 1.00 inside S), and what stage 0 gives the long arm is its
 length: only it carries that retrieval to 4x S (V-NIAH 0.97 from 2x the longest stage-2 row, short arm 0.00).
+Seed 1 agrees (0.99 / 0.00); in seed 2 the long arm's stage-2 retrieval stays short too (0.95 inside S, 0.00 from
+2x the longest row), with the same final losses: without a stage 0 that learns the retrieval, whether stage 2's
+solution generalises in length is up to the seed.
 
 Outputs in WORKDIR: ``transfer.png`` (both arms' V-NIAH and text-NIAH heatmaps side by side), ``results.json``
 (per arm: mean accuracy per length band, per-column means, timings; plus the paths of the full
