@@ -23,15 +23,23 @@ The cell score is the mean over the samples (the same seeded numbers in every ce
 ``"aaaa. bbbb." + needle + " cccc. dd"``; prefix 38 + haystack 20 + needle 49 + question 145 = 252 tokens, then
 the 7 digits at 252..258, scored at positions 251..257.
 
+Another task than LongVA's (e.g. the format a small model was trained on) is a :class:`Template` (prefix, needle
+and question texts) plus ``answers`` (the samples' needle values, in place of the 7-digit numbers); with
+``Template(prefix="", needle=" {answer} ", question="?")`` and answers ``["red"]``, a sample reads haystack, then
+``" red "`` at the snapped depth, the rest of the haystack, ``"?"``, and ``red`` is scored.
+
 Library use::
 
-    from lct_jax.eval.text_niah import run_text_niah
+    from lct_jax.eval.text_niah import Template, run_text_niah
     results = run_text_niah("runs/stage0", "out/text_niah", lengths=[256, 512], depths=[0.0, 0.5, 1.0])
+    results = run_text_niah("runs/stage0", "out/colours", lengths=[256], filler="filler.txt",
+                            template=Template(prefix="", needle=" {answer} ", question="?"), answers=["red", "blue"])
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -52,7 +60,7 @@ from lct_jax.eval.loading import (
 from lct_jax.eval.scoring import Layout, Scorer, sample_record
 
 PREFIX = "This is a very long story book: <book>"
-NEEDLE = "\nThe special magic {city} number is: {number}.\n"
+NEEDLE = "\nThe special magic {city} number is: {answer}.\n"
 QUESTION = (
     "</book>.\n Based on the content of the book, Question: What is the special magic {city} number? "
     "Answer: The special magic {city} number is: "
@@ -79,6 +87,17 @@ _OBJECTS = (
     "a simple idea",
 )
 _TAILS = ("before anyone noticed", "with great care", "for many years", "without a plan", "in the end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """The texts around the haystack: ``prefix`` + haystack with ``needle`` inserted + ``question`` + the answer.
+    ``needle`` is formatted with ``city`` and ``answer``, ``question`` with ``city``; the default is LongVA's."""
+
+    prefix: str = PREFIX
+    needle: str = NEEDLE
+    question: str = QUESTION
+    city: str = CITY
 
 
 def builtin_filler(seed: int = 0) -> Iterator[str]:
@@ -141,22 +160,24 @@ def text_layout(
     tok,
     haystack: np.ndarray,
     depth: float,
-    number: int,
+    number: int | str,
     *,
     distractors: Sequence[tuple[str, int]] = (),
     rng: random.Random | None = None,
+    template: Template = Template(),
 ) -> Layout:
-    """The scored sequence for one sample (module docstring); ``distractors`` are (city, number) pairs placed at
-    ``rng`` positions."""
+    """The scored sequence for one sample (module docstring); ``number`` is the needle's answer, ``distractors``
+    are (city, number) pairs placed at ``rng`` positions."""
     enc = lambda s: np.asarray(tok.encode(s), np.int32)  # noqa: E731
+    t = template
     period = period_id(tok)
     at = needle_position(haystack, depth, period)
-    body = np.concatenate([haystack[:at], enc(NEEDLE.format(city=CITY, number=number)), haystack[at:]])
+    body = np.concatenate([haystack[:at], enc(t.needle.format(city=t.city, answer=number)), haystack[at:]])
     for city, n in distractors:
         at = snap_after_period(body, rng.randrange(len(body)), period)
-        body = np.concatenate([body[:at], enc(NEEDLE.format(city=city, number=n)), body[at:]])
+        body = np.concatenate([body[:at], enc(t.needle.format(city=city, answer=n)), body[at:]])
     answer = enc(str(number))
-    ids = np.concatenate([enc(PREFIX), body, enc(QUESTION.format(city=CITY)), answer])
+    ids = np.concatenate([enc(t.prefix), body, enc(t.question.format(city=t.city)), answer])
     return Layout(ids, answer_len=len(answer), pad_id=tok.pad_id)
 
 
@@ -167,14 +188,20 @@ def distractor_needles(count: int, seed: int) -> list[tuple[str, int]]:
 
 
 def cell_layouts(
-    tok, haystack: np.ndarray, depth: float, numbers: Sequence[int], distractors, seed: int
+    tok,
+    haystack: np.ndarray,
+    depth: float,
+    numbers: Sequence[int | str],
+    distractors,
+    seed: int,
+    template: Template = Template(),
 ) -> list[Layout]:
     """One :func:`text_layout` per number; distractor positions are seeded per (length, depth, sample), so any
     cell can be scored alone (a resumed run gets the same sequences)."""
     out = []
     for i, n in enumerate(numbers):
         rng = random.Random(f"{seed}-{len(haystack)}-{depth}-{i}")
-        out.append(text_layout(tok, haystack, depth, n, distractors=distractors, rng=rng))
+        out.append(text_layout(tok, haystack, depth, n, distractors=distractors, rng=rng, template=template))
     return out
 
 
@@ -196,17 +223,25 @@ def run_text_niah(
     ring_kernel: str | None = None,
     bucket: int = 1,
     progress: bool = True,
+    template: Template = Template(),
+    answers: Sequence[str] | None = None,
 ) -> dict:
     """Run (or resume) the text-NIAH grid ``lengths x depths`` into ``out`` and return the results dict.
 
     ``model``: a Qwen2 or LongVA checkpoint path (restored onto ``mesh``, default: every device on ``seq``) or an
     :class:`~lct_jax.eval.loading.EvalModel`; ``lengths`` are haystack tokens (the prompt adds ~230 with the byte
-    tokenizer, ~60 with Qwen's); the other arguments as in :func:`lct_jax.eval.vniah.run_vniah`."""
+    tokenizer, ~60 with Qwen's); ``template`` / ``answers``: another task (module docstring; ``answers`` replaces
+    the ``samples`` seeded numbers); the other arguments as in :func:`lct_jax.eval.vniah.run_vniah`."""
     lengths, depths = sorted(int(x) for x in lengths), sorted(float(d) for d in depths)
     if not lengths or lengths[0] < 1:
         raise EvalError(f"--lengths {lengths}: must be >= 1 token")
     if not depths or depths[0] < 0 or depths[-1] > 1:
         raise EvalError(f"--depths {depths}: must lie in [0, 1]")
+    if answers is not None:
+        answers = [str(a) for a in answers]
+        if not answers or not all(answers):
+            raise EvalError(f"answers {answers}: give at least one non-empty answer")
+        samples = len(answers)
     if samples < 1 or not 0 <= distractors <= len(DISTRACTOR_CITIES):
         raise EvalError(f"--samples {samples} must be >= 1 and --distractors {distractors} in 0..6")
     overrides = dict(param_dtype=param_dtype, dtype=dtype, attention=attention, ring_kernel=ring_kernel)
@@ -221,9 +256,11 @@ def run_text_niah(
         "filler": str(Path(filler).absolute()) if filler is not None else "builtin",
         "seed": seed,
         "bucket": bucket,
+        "template": dataclasses.asdict(template),
+        "answers": answers,
     }
     grid = GridRun(out, "text_niah", "length", config)
-    numbers = sample_numbers(samples, seed)
+    numbers = sample_numbers(samples, seed) if answers is None else answers
     others = distractor_needles(distractors, seed)
     scorer = Scorer(model.lm, mesh, bucket=bucket)
     hay = None  # tokenized once, only if a cell is left to score
@@ -232,13 +269,14 @@ def run_text_niah(
         nonlocal hay
         if hay is None:
             hay = filler_tokens(tok, lengths[-1], filler, seed)
-        layouts = cell_layouts(tok, hay[:length], depth, numbers, others, seed)
+        layouts = cell_layouts(tok, hay[:length], depth, numbers, others, seed, template)
         padded = scorer.padded_length(max(lay.length for lay in layouts))  # one compile per length
         num_answer = max(lay.answer_len for lay in layouts)
         recs = []
         for i, (n, lay) in enumerate(zip(numbers, layouts, strict=True)):
             pred = scorer(lay, length=padded, num_answer=num_answer)
-            recs.append(sample_record(i, f"{CITY} number {n}", lay, pred, tok, padded))
+            label = template.needle.format(city=template.city, answer=n).strip()
+            recs.append(sample_record(i, label, lay, pred, tok, padded))
         return {
             "needle_at": needle_position(hay[:length], depth, period_id(tok)),
             "score": float(np.mean([s["correct"] for s in recs])),

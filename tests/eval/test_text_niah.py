@@ -121,3 +121,19 @@ def test_user_errors_are_one_line(tiny_vniah, tmp_path, capsys):
 def test_length_grids(spec, want):
     assert tn.parse_grid(spec, int) == want
     assert tn.parse_grid("0:1:0.1") == [round(0.1 * i, 6) for i in range(11)]
+
+
+def test_custom_template_and_answers(tiny_vniah, tmp_path):
+    """Another task's texts (the transfer experiment's colour needle), literally; answers replace the numbers."""
+    tok = ByteTokenizer()
+    (tmp_path / "f.txt").write_text("ab cd. ef gh. ij")
+    hay = tn.filler_tokens(tok, 16, tmp_path / "f.txt")
+    t = tn.Template(prefix="<|endoftext|>", needle=" {answer} ", question="?")
+    lay = tn.text_layout(tok, hay, 0.5, "red", template=t)  # int(0.5 * 16) = 8 -> period at 12 -> 13
+    np.testing.assert_array_equal(lay.ids, [256] + tok.encode("ab cd. ef gh. red  ij?red"))
+    assert lay.length == 26 and lay.answer_start == 23
+    kw = dict(lengths=[16], depths=[0.0, 1.0], tokenizer="byte", filler=tmp_path / "f.txt", progress=False)
+    r = tn.run_text_niah(tiny_vniah["ckpt"], tmp_path / "o", template=t, answers=["red", "blue"], **kw)
+    assert [s["expected_text"] for s in r["cells"][0]["samples"]] == ["red", "blue"]
+    assert r["config"]["template"]["needle"] == " {answer} " and r["config"]["answers"] == ["red", "blue"]
+    assert [c["samples"][1]["length"] for c in r["cells"]] == [1 + 16 + 6 + 1 + 4] * 2
