@@ -118,7 +118,7 @@ def test_bands_and_clock():
     assert "about 1.0 min left" in lines[-1] and "2.00x" in lines[-1]
 
 
-@pytest.mark.experiment
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """``--smoke`` (every stage, both evaluations, the report) as a user runs it: one CPU device, a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(REPO)}
