@@ -69,7 +69,8 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
             groups=ml_collections.ConfigDict(dict(lm=group(1e-5))),
         )
     )
-    c.step = ml_collections.ConfigDict(dict(micro_batches=1, loss_chunk=2048))
+    # loss_chunk: tokens per row per chunk of the head; vocab_chunk: vocabulary columns per chunk (0 = all)
+    c.step = ml_collections.ConfigDict(dict(micro_batches=1, loss_chunk=2048, vocab_chunk=0))
     c.num_steps = 1000
     c.optim.total_steps = c.get_ref("num_steps")  # schedules span the run unless overridden
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))

@@ -189,7 +189,7 @@ def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> Loo
         state = init_state(spec, make_model, optim, seed=config.seed)
         print(f"initialized from random weights (seed {config.seed})")
     first = next(data_iter)
-    step_cfg = StepConfig(micro_batches=config.step.micro_batches, loss_chunk=config.step.loss_chunk)
+    step_cfg = StepConfig.from_config(config.step)
     step_fn = jit_train_step(spec, optim, step_cfg, first)
     writer = EventWriter(workdir / "tb") if jax.process_index() == 0 else None
     try:
