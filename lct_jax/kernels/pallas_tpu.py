@@ -61,6 +61,17 @@ def _mask(qp_ref, qs_ref, kp_ref, ks_ref):
     return (kp_ref[...] <= qp_ref[...]) & (ks_ref[...] == qs_ref[...])
 
 
+def _rows(x):
+    """Row statistics [B, K, G, T] → [B, K, T, G] for the kernels: [bq, G] blocks, a head's [bq, 1] column per
+    query row. (As [B, K, G, T, 1] each value would occupy a whole 128-lane row of HBM tile: 128x the bytes,
+    14 KB per token for LongVA-7B's 28 heads per array; [T, G] pads G = 7 to 128 lanes per kv head: 2 KB.)"""
+    return jnp.swapaxes(x, 2, 3)
+
+
+def _unrows(x):
+    return jnp.swapaxes(x, 2, 3)
+
+
 def _token_layout(q_pos, q_seg, kv_pos, kv_seg):
     return q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :]
 
@@ -76,7 +87,7 @@ def _specs(g, h, bq, bk, q_major: bool):
 
     return dict(
         q=pl.BlockSpec((_SQ, _SQ, g, bq, h), lambda b, n, i, j, *_: (b, n, 0, qi(i, j), 0)),
-        row=pl.BlockSpec((_SQ, _SQ, g, bq, 1), lambda b, n, i, j, *_: (b, n, 0, qi(i, j), 0)),
+        row=pl.BlockSpec((_SQ, _SQ, bq, g), lambda b, n, i, j, *_: (b, n, qi(i, j), 0)),
         kv=pl.BlockSpec((_SQ, _SQ, bk, h), lambda b, n, i, j, *_: (b, n, ki(i, j), 0)),
         q_tok=pl.BlockSpec((_SQ, bq, 1), lambda b, n, i, j, *_: (b, qi(i, j), 0)),
         kv_tok=pl.BlockSpec((_SQ, 1, bk), lambda b, n, i, j, *_: (b, 0, ki(i, j))),
@@ -125,13 +136,14 @@ def _fwd_kernel(*refs, scale, nq, nk):
         for g in range(q_ref.shape[0]):  # query heads sharing this kv head
             s = _dot(q_ref[g], k, NT_DIMS) * scale  # [bq, bk]
             s = jnp.where(mask, s, MASK_VALUE)
-            m_prev = m_ref[g]  # [bq, 1]
+            col = (slice(None), pl.ds(g, 1))  # this head's [bq, 1] column of the [bq, G] row statistics
+            m_prev = m_ref[col]
             m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             alpha = jnp.exp(m_prev - m_new)
-            l_ref[g] = alpha * l_ref[g] + p.sum(axis=-1, keepdims=True)
+            l_ref[col] = alpha * l_ref[col] + p.sum(axis=-1, keepdims=True)
             o_ref[g] = alpha * o_ref[g] + _dot(p.astype(v.dtype), v)
-            m_ref[g] = m_new
+            m_ref[col] = m_new
 
 
 def fwd_hop(
@@ -142,7 +154,7 @@ def fwd_hop(
     nq, nk = t // block_q, s // block_k
     sp = _specs(g, h, block_q, block_k, q_major=True)
     qp, qs, kp, ks = _token_layout(q_pos, q_seg, kv_pos, kv_seg)
-    m, l = m[..., None], l[..., None]  # [B, K, G, T, 1]
+    m, l = _rows(m), _rows(l)
     operands = (q, k, v, qp, qs, kp, ks, o, m, l)
     o, m, l = pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, nq=nq, nk=nk),
@@ -159,7 +171,7 @@ def fwd_hop(
         cost_estimate=_cost(q, k, 2, *operands, o, m, l),
         **_params(interpret),
     )(*ranges.flat(), *operands)
-    return o, m[..., 0], l[..., 0]
+    return o, _unrows(m), _unrows(l)
 
 
 # ---------------------------------------------------------------------------------------------------- backward
@@ -185,10 +197,11 @@ def _dkv_kernel(*refs, scale, nq, nk):
         mask = _mask(qp_ref, qs_ref, kp_ref, ks_ref)
         for g in range(q_ref.shape[0]):
             q, do = q_ref[g], do_ref[g]  # [bq, H]
-            p = _probs(q, k, mask, lse_ref[g], scale)  # [bq, bk]
+            col = (slice(None), pl.ds(g, 1))
+            p = _probs(q, k, mask, lse_ref[col], scale)  # [bq, bk]
             dv_ref[...] += _dot(p.T.astype(do.dtype), do)
             dp = _dot(do, v, NT_DIMS)  # [bq, bk]
-            ds = p * (dp - delta_ref[g]) * scale
+            ds = p * (dp - delta_ref[col]) * scale
             dk_ref[...] += _dot(ds.T.astype(q.dtype), q)
 
 
@@ -207,9 +220,10 @@ def _dq_kernel(*refs, scale, nq, nk):
         mask = _mask(qp_ref, qs_ref, kp_ref, ks_ref)
         for g in range(q_ref.shape[0]):
             q, do = q_ref[g], do_ref[g]
-            p = _probs(q, k, mask, lse_ref[g], scale)
+            col = (slice(None), pl.ds(g, 1))
+            p = _probs(q, k, mask, lse_ref[col], scale)
             dp = _dot(do, v, NT_DIMS)
-            ds = p * (dp - delta_ref[g]) * scale
+            ds = p * (dp - delta_ref[col]) * scale
             dq_ref[g] += _dot(ds.astype(k.dtype), k)
 
 
@@ -219,7 +233,7 @@ def bwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, do, lse, delta, dq, d
     s = k.shape[2]
     nq, nk = t // block_q, s // block_k
     qp, qs, kp, ks = _token_layout(q_pos, q_seg, kv_pos, kv_seg)
-    lse, delta = lse[..., None], delta[..., None]  # [B, K, G, T, 1]
+    lse, delta = _rows(lse), _rows(delta)
     flat_ranges = ranges.flat()
     common = (q, k, v, qp, qs, kp, ks, do, lse, delta)
     kw = dict(scale=scale, nq=nq, nk=nk)
