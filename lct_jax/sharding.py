@@ -175,10 +175,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def gather_weight(w: jax.Array, names: Sequence[str | None], dtype) -> jax.Array:
     """A weight as a layer uses it: cast to the compute ``dtype`` on its shards, then all-gathered over its FSDP
-    dims (``'embed'`` → unsharded, tensor-parallel dims kept). In a loop (a chunked MLP or loss), the transpose
-    of the gather is a reduce-scatter *inside* the loop body, so the loop accumulates the weight gradient on
-    shards instead of holding the whole partial gradient on every device."""
-    w = constrain(w, names).astype(dtype)
+    dims (``'embed'`` → unsharded, tensor-parallel dims kept).
+
+    The order matters for the backward (each constraint's transpose is the same constraint on the cotangent):
+    the gradient is reduce-scattered onto the shards in the compute dtype, and only then converted to the
+    param's fp32, so no device holds the whole fp32 partial gradient of the weight. In a loop (the blockwise
+    MLP, the chunked loss) the loop then accumulates the gradient on its shards."""
+    w = constrain(w.astype(dtype), names)
     return constrain(w, [None if n == "embed" else n for n in names])
 
 

@@ -99,10 +99,6 @@ class BlockRanges(NamedTuple):
         nq, nk = self.num_blocks
         return self.pair_visible(jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]).astype(jnp.int32)
 
-    def any_visible(self) -> jax.Array:
-        """bool[]: some pair of some row may hold a visible pair (a fused broadcast-reduce, nothing stored)."""
-        return self.table().any()
-
     def flat(self) -> tuple[jax.Array, ...]:
         """The six arrays flattened to 1-D ([B * T/bq] and [B * S/bk]) for scalar prefetch."""
         return tuple(x.reshape(-1) for x in self)

@@ -70,6 +70,7 @@ class Qwen2Config:
     embed_chunk: int = 0  # token-embedding lookup in chunks of this many tokens per row (0 = all at once)
     attention: str = "auto"  # 'dense' | 'ring' | 'auto' (= ring when the mesh's seq axis > 1)
     ring_kernel: str = "xla"  # ring attention block kernel: 'xla' | 'pallas_tpu' | 'pallas_gpu'
+    ring_head_passes: int = 1  # kv-head groups the ring runs one after another (less fp32 memory, more hops)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -162,7 +163,8 @@ class Attention(nnx.Module):
         self.v = Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, **kw)
         self.o = Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, **kw)
 
-    def __call__(self, x, positions, segment_ids):
+    def project(self, x, positions):
+        """[B, T, D] → q [B, T, N, H], k, v [B, T, K, H] (RoPE applied to q and k)."""
         cfg = self.cfg
         q = rope(self.q(x), positions, cfg.rope_theta)  # [B, T, N, H]
         k = rope(self.k(x), positions, cfg.rope_theta)  # [B, T, K, H]
@@ -170,10 +172,20 @@ class Attention(nnx.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        return q, k, v
+
+    def __call__(self, x, positions, segment_ids):
+        return self.attend(*self.project(x, positions), positions, segment_ids)
+
+    def attend(self, q, k, v, positions, segment_ids):
+        """Attention over projected q, k, v and the output projection → [B, T, D]."""
+        cfg = self.cfg
         impl = cfg.attention
         if impl == "auto":
             impl = "ring" if mesh_axis_size("seq") > 1 else "dense"
-        ring_options = {"kernel": cfg.ring_kernel} if impl == "ring" else {}
+        ring_options = (
+            {"kernel": cfg.ring_kernel, "head_passes": cfg.ring_head_passes} if impl == "ring" else {}
+        )
         o = attention(q, k, v, positions, segment_ids, impl=impl, **ring_options)  # [B, T, N, H]
         return self.o(o)  # [B, T, D]
 
@@ -216,10 +228,15 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, segment_ids):  # x: residual [B, T, D], D split over model
         x = constrain(x, RESIDUAL)
-        h = constrain(self.input_norm(x), GATHERED)
-        x = x + constrain(self.attn(h, positions, segment_ids), RESIDUAL)
-        h = constrain(self.post_attn_norm(x), GATHERED)
-        x = x + constrain(self.mlp(h), RESIDUAL)
+        # norm + q/k/v projection and norm + MLP are rematerialized from the residual stream on their own, so the
+        # gathered normed activations [T, D] are not held while the attention and the MLP run their backward
+        qkv = jax.checkpoint(lambda x: self.attn.project(constrain(self.input_norm(x), GATHERED), positions))(
+            x
+        )
+        x = x + constrain(self.attn.attend(*qkv, positions, segment_ids), RESIDUAL)
+        x = x + constrain(
+            jax.checkpoint(lambda x: self.mlp(constrain(self.post_attn_norm(x), GATHERED)))(x), RESIDUAL
+        )
         return constrain(x, RESIDUAL)
 
 

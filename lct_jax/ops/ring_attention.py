@@ -18,7 +18,7 @@ Worked example of the schedule, W = 4 shards, 16 tokens, zigzag layout (chunks o
     hop 3: kv from       shard 1    shard 2    shard 3    shard 0     (W-1 = 3 rotations in the forward)
 
 At hop 1 shard 0 (q: c0 c7) sees kv c3 c4: q-block c0 x kv-blocks c3, c4 is fully masked (positions 6..9 > 0..1)
-and skipped by ``lax.cond``; c7 x c3, c7 x c4 run. Every shard runs 2 of 4 block pairs on every off-diagonal hop,
+and skipped inside the kernel; c7 x c3, c7 x c4 run. Every shard runs 2 of 4 block pairs on every off-diagonal hop,
 so the work is even; with the contiguous layout shard 0 would skip all of hops 1..3 while shard 3 runs them all.
 Blocks are ``block_q`` x ``block_k`` tokens; they must divide a zigzag chunk for this skipping to balance.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class _RingConfig:
     scale: float
     interpret: bool
     local_len: int  # tokens per shard after padding to the blocks (>= the real local length)
+    head_passes: int  # kv-head groups run one after another (each a full ring)
 
 
 def _rotate(xs, cfg: _RingConfig):
@@ -67,26 +69,20 @@ def _hop_kwargs(cfg: _RingConfig):
 
 
 def _fwd_block(q, q_pos, q_seg, kv, carry, cfg: _RingConfig):
-    """Fold one visiting K/V block into the carry; skipped entirely if no q-block x kv-block pair is visible."""
+    """Fold one visiting K/V block into the carry. The kernel skips every q-block x kv-block pair the block ranges
+    rule out; there is no ``lax.cond`` around the whole hop: a conditional cannot update the carry in place, and
+    its output would be one more fp32 [T, N, H] buffer per hop (14 KB per token for LongVA-7B)."""
     k, v, kv_pos, kv_seg = kv
     ranges = block_ranges(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)  # O(T / block)
     hop = get_kernel(cfg.kernel).fwd_hop
-
-    def run(carry):
-        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, *carry, **_hop_kwargs(cfg))
-
-    return lax.cond(ranges.any_visible(), run, lambda c: c, carry)
+    return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, *carry, **_hop_kwargs(cfg))
 
 
 def _bwd_block(q, q_pos, q_seg, do, lse, delta, kv, grads, cfg: _RingConfig):
     k, v, kv_pos, kv_seg = kv
     ranges = block_ranges(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)
     hop = get_kernel(cfg.kernel).bwd_hop
-
-    def run(grads):
-        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, do, lse, delta, *grads, **_hop_kwargs(cfg))
-
-    return lax.cond(ranges.any_visible(), run, lambda g: g, grads)
+    return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, do, lse, delta, *grads, **_hop_kwargs(cfg))
 
 
 def _ring_fwd_impl(q, k, v, pos, seg, cfg: _RingConfig):
@@ -177,7 +173,13 @@ def _local_ring(q, k, v, pos, seg, cfg: _RingConfig):
     tp = t + pad
     qk = q.reshape(b, tp, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kk, vk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    out = _ring(qk, kk, vk, pos, seg, cfg)  # [B, K, G, T, H]
+    passes = math.gcd(cfg.head_passes, kh)
+    if passes == 1:
+        out = _ring(qk, kk, vk, pos, seg, cfg)  # [B, K, G, T, H]
+    else:  # kv heads in `passes` groups, one ring each: fp32 accumulators of one group at a time
+        group = lambda x: jnp.moveaxis(x.reshape(b, passes, kh // passes, *x.shape[2:]), 1, 0)  # noqa: E731
+        outs = lax.map(lambda a: _ring(*a, pos, seg, cfg), (group(qk), group(kk), group(vk)))
+        out = jnp.moveaxis(outs, 0, 1).reshape(qk.shape)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, :t]
 
 
@@ -219,6 +221,7 @@ def ring_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    head_passes: int = 1,
 ):
     """Causal ring attention on global arrays; call inside jit under ``jax.set_mesh(mesh)``.
 
@@ -232,6 +235,9 @@ def ring_attention(
         local length; a local length they do not tile is padded inside each shard
         (:meth:`lct_jax.kernels.blocks.BlockSizes.for_length`) with tokens no real query sees.
       interpret: run Pallas kernels in interpret mode; default: when the mesh's devices (or backend) are CPU.
+      head_passes: run the ring once per group of kv heads (this many groups, rounded to a divisor of the local kv
+        heads): the fp32 output / dq / dk / dv accumulators then exist for one group at a time (LongVA-7B: 14 KB
+        per token each for all 28 query heads, 3.5 KB with 4 passes), for ``head_passes`` times the hops.
     Returns:
       [B, T, N, H] in q.dtype; rows with no visible key are 0. Gradients in the input dtypes.
     """
@@ -277,6 +283,7 @@ def ring_attention(
         scale=float(h) ** -0.5,
         interpret=_default_interpret(mesh) if interpret is None else interpret,
         local_len=local_len,
+        head_passes=head_passes,
     )
     body = functools.partial(_local_ring, cfg=cfg)
     if mesh.empty:

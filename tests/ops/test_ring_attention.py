@@ -154,17 +154,19 @@ def test_heads_that_model_cannot_split(n, kh, seq, model, kernel):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kernel,block_q,block_k", [("xla", 8, 16), ("pallas_tpu", 16, 16)])
-def test_local_length_the_blocks_do_not_tile(kernel, block_q, block_k):
+@pytest.mark.parametrize("kernel,block_q,block_k,passes", [("xla", 8, 16, 2), ("pallas_tpu", 16, 16, 1)])
+def test_local_length_the_blocks_do_not_tile(kernel, block_q, block_k, passes):
     """T=48 on seq=4 is 12 tokens per shard, which blocks of 8x16 / 16x16 do not tile: each shard pads to 16 with
-    tokens no real query sees; the results equal dense attention (zigzag layout, packed segments)."""
+    tokens no real query sees; the results equal dense attention (zigzag layout, packed segments). ``passes=2``:
+    the two kv heads run as two rings, one after the other."""
     t, seq = 48, 4
     q, k, v, pos, seg = make_inputs(6, 2, 4, 2, jnp.float32, True)
     q, k, v = (x[:, :t] for x in (q, k, v))
     pos, seg = pos[:, :t], seg[:, :t]
     q, k, v, pos, seg = (zigzag(x, seq) for x in (q, k, v, pos, seg))
     want = fwd_and_grads(lambda q, k, v: dense_attention(q, k, v, pos, pos, seg, seg), q, k, v)
-    ring = lambda *a: ring_attention(*a, pos, seg, kernel=kernel, block_q=block_q, block_k=block_k)
+    ring = lambda *a: ring_attention(*a, pos, seg, kernel=kernel, block_q=block_q, block_k=block_k,
+                                     head_passes=passes)  # fmt: skip
     with jax.set_mesh(make_mesh(seq=seq, model=1, devices=jax.devices()[:seq])):
         got = jax.jit(lambda q, k, v: fwd_and_grads(ring, q, k, v))(q, k, v)
     for a, b in zip(got, want, strict=True):

@@ -142,7 +142,7 @@ def _one_device_dense(cfg):
 @pytest.mark.parametrize(
     "cfg,mesh,features",
     [
-        (TINY, (1, 8, 1), {}),  # ring attention over 8 shards
+        (TINY, (1, 8, 1), dict(ring_head_passes=2)),  # ring attention over 8 shards, one ring per kv head
         # ring over 2 shards, residual stream split over model=4 (> 2 kv heads: each shard gets its kv head),
         # blockwise MLP (2 chunks of each shard's 32 tokens), embedding lookup in 4 chunks, 4 vocabulary chunks
         (TINY, (1, 2, 4), dict(mlp_chunk=16, embed_chunk=16, vocab_chunk=128)),
