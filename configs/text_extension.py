@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
     c.optim.groups = dict(lm=group(1e-5, "constant"))
     c.num_steps = 1000
     c.checkpoint.every = 50
-    c.step.loss_chunk = 4096
+    c.step.loss_chunk = 1_048_576 if size == "7b" else 4096  # tokens per row per chunk of the head
     if size == "tiny":
         c.data.seq_len = 256
         c.data.batch_size = 8

@@ -59,6 +59,9 @@ def build_model(config):
         remat=m.remat,
         attention=m.attention,
         ring_kernel=m.ring_kernel,
+        ring_head_passes=m.ring_head_passes,
+        mlp_chunk=m.mlp_chunk,
+        embed_chunk=m.embed_chunk,
     )
     if config.stage == "text_extension":
         return "qwen2", lm_cfg, lambda rngs: Qwen2(lm_cfg, rngs=rngs)
