@@ -16,7 +16,7 @@ falls from ~6.2 (ln 512) within a few dozen steps on synthetic data. Every field
 ``--config.<field>=<value>``; an unknown field is an error.
 """
 
-from lct_jax.train.config_base import base_config, group, parse_arg
+from lct_jax.train.config_base import SKIP_FIELDS, base_config, group, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -38,6 +38,7 @@ def get_config(arg: str | None = None):
         shuffle=True,
         num_workers=0,
         strict=False,
+        **SKIP_FIELDS,
     )
     c.optim.b2 = 0.95
     c.optim.weight_decay = 0.1

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Copy this checkout to every host of the slice and install it with the TPU extra.
+# Copy this checkout to every host of the slice and install it with the TPU extra: launch/setup.sh [--dry-run]
+# Settings: TPU_NAME ZONE [PROJECT] [NUM_SLICES=1] [WORKDIR=gs://BUCKET/PATH: also mounts BUCKET at /gcs/BUCKET]
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "$0")/common.sh"
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-tar -C "$repo" --exclude=.venv --exclude=.git -czf /tmp/lct_jax_src.tgz .
-tpu scp /tmp/lct_jax_src.tgz "$TPU_NAME":/tmp/lct_jax_src.tgz --worker=all
-tpu ssh "$TPU_NAME" --worker=all --command="mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/lct_jax_src.tgz -C ~/$REMOTE_DIR \
-  && cd ~/$REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
+usage() { sed -n '2,3s/^# \{0,1\}//p' "$0"; }
+parse_options "$@"
+((${#ARGS[@]} == 0)) || die "setup.sh takes no arguments (got ${ARGS[*]})"
+check_slice_env
+if [[ -n ${WORKDIR:-} ]]; then check_workdir "$WORKDIR"; fi
+setup_slice

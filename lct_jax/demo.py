@@ -9,7 +9,10 @@ r"""The whole LongVA recipe on tiny models and built-in synthetic data, in a few
    (``configs/align_pretrain.py``, ``init_from`` = stage 0);
 4. stage 2, full fine-tune, vision tower at a lower LR (``configs/align_finetune.py``, ``init_from`` = stage 1);
 5. exports stage 0 as a transformers ``Qwen2ForCausalLM`` directory and stage 2 as a LongVA (llava_qwen) directory
-   with the convert CLI, and prints where everything is.
+   with the convert CLI;
+6. evaluates: V-NIAH on stage 2 (the procedural haystack movie written to an mp4 and encoded by the stage-2 tower,
+   needles in the stage-2 data's own questions) and text NIAH on stage 0, with ``lct_jax.eval`` (the library
+   behind ``python -m lct_jax.eval vniah`` / ``text-niah``), and prints where everything is, heatmaps included.
 
 Every stage is the same code path as a full-size run (``lct_jax.train.run.run`` with the stage's config at
 ``size=tiny``). The tiny CLIP starts from random weights (no download); a real run passes
@@ -79,6 +82,15 @@ def _draw(shape: str, fg, bg, size: tuple[int, int]):
     return img
 
 
+def _questions(fg: str, shape: str, bg: str) -> list[tuple[str, str]]:
+    """The stage-2 question–answer pairs about one image."""
+    return [
+        ("What color is the shape?", f"{fg}."),
+        ("What shape is it?", f"a {shape}."),
+        ("What color is the background?", f"{bg}."),
+    ]
+
+
 def write_image_data(out: Path, n_images: int = 240, seed: int = 0) -> tuple[Path, Path, Path]:
     """PNG images of one coloured shape on a coloured background, a caption file (stage 1, LLaVA 'plain') and a
     question–answer file (stage 2, LLaVA conversations). Sizes up to 112 px give 1..4 tiles of 56 px."""
@@ -101,13 +113,7 @@ def write_image_data(out: Path, n_images: int = 240, seed: int = 0) -> tuple[Pat
                 ],
             }
         )
-        q, a = r.choice(
-            [
-                ("What color is the shape?", f"{fg}."),
-                ("What shape is it?", f"a {shape}."),
-                ("What color is the background?", f"{bg}."),
-            ]
-        )
+        q, a = r.choice(_questions(fg, shape, bg))
         qa.append(
             {
                 "image": name,
@@ -195,13 +201,79 @@ def check_qwen2_export(ckpt: str, hf_dir: Path) -> float | None:
     return float(np.abs(ours - theirs.numpy()).max())
 
 
+# --------------------------------------------------------------------------------------------------- evaluation
+
+VNIAH_FRAMES = (8, 16, 32, 64)  # 4 tokens a frame at the tiny tile size: up to 260 visual tokens
+TEXT_LENGTHS = (32, 64, 96, 128)  # haystack tokens (the byte-tokenized prompt adds ~240)
+TEXT_SAMPLES = 3
+DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# every sequence of a grid padded to 384 tokens: one compile per grid (and the dense attention of one CPU device
+# takes ~6x longer per token at 512)
+BUCKET = 384
+
+
+def write_needles(out: Path, count: int = 5, seed: int = 1) -> Path:
+    """V-NIAH needles in the stage-2 data's own language: new shape images, one of their three questions each;
+    the ``needles.json`` format of ``python -m lct_jax.eval make-needles``."""
+    r = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        fg, bg = r.sample(sorted(COLORS), 2)
+        shape = r.choice(SHAPES)
+        _draw(shape, COLORS[fg], COLORS[bg], (112, 112)).save(out / f"needle_{i}.png")
+        question, answer = _questions(fg, shape, bg)[i % 3]
+        records.append({"image": f"needle_{i}.png", "question": question, "answer": answer})
+    (out / "needles.json").write_text(json.dumps(records, indent=1) + "\n")
+    return out / "needles.json"
+
+
+def evaluate(work: Path, stage0_ckpt: str, stage2_ckpt: str) -> list[tuple[str, Path, float, float]]:
+    """V-NIAH on stage 2 and text NIAH on stage 0 into ``work/eval``; returns (name, heatmap, mean, seconds)."""
+    from lct_jax.data.video import probe, write_video  # noqa: PLC0415
+    from lct_jax.eval.haystack import build_haystack  # noqa: PLC0415
+    from lct_jax.eval.text_niah import run_text_niah  # noqa: PLC0415
+    from lct_jax.eval.vniah import run_vniah  # noqa: PLC0415
+
+    ev = work / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    frames = VNIAH_FRAMES[-1]
+    spec = f"procedural:seed=0,frames={frames},fps=1,size=112x64"
+    video = ev / "haystack.mp4"
+    print(f"\n=== evaluation: {spec} -> {video} -> embedding store (stage-2 tower)")
+    write_video(video, (img for _, img in probe(spec).frames()), fps=1)
+    build_haystack(stage2_ckpt, str(video), str(ev / "haystack"), fps=1, max_frames=frames, progress=False,
+                   log=lambda *_: None)  # fmt: skip
+    needles = write_needles(ev / "needles")
+    grid = f"--frames {','.join(map(str, VNIAH_FRAMES))} --depths 0:1:0.2 --bucket {BUCKET}"
+    print(f"$ python -m lct_jax.eval vniah --ckpt {stage2_ckpt} --haystack {ev / 'haystack'} --needles {needles} "
+          f"--out {ev / 'vniah'} {grid}")  # fmt: skip
+    t1 = time.time()
+    v = run_vniah(stage2_ckpt, ev / "haystack", needles, ev / "vniah", frames=VNIAH_FRAMES, depths=DEPTHS,
+                  bucket=BUCKET, progress=False)  # fmt: skip
+    t2 = time.time()
+    print(f"$ python -m lct_jax.eval text-niah --ckpt {stage0_ckpt} --out {ev / 'text_niah'} "
+          f"--lengths {','.join(map(str, TEXT_LENGTHS))} --depths 0:1:0.2 --samples {TEXT_SAMPLES} --bucket {BUCKET}")  # fmt: skip
+    t = run_text_niah(stage0_ckpt, ev / "text_niah", lengths=TEXT_LENGTHS, depths=DEPTHS, samples=TEXT_SAMPLES,
+                      bucket=BUCKET, progress=False)  # fmt: skip
+    t3 = time.time()
+    print(
+        f"=== evaluation: haystack {t1 - t0:.0f} s, V-NIAH {len(v['cells'])} cells in {t2 - t1:.0f} s (mean "
+        f"{v['mean']:.3f}), text NIAH {len(t['cells'])} cells in {t3 - t2:.0f} s (mean {t['mean']:.3f})"
+    )
+    return [
+        ("V-NIAH (stage 2)", ev / "vniah" / "heatmap.png", v["mean"], t2 - t1),
+        ("text NIAH (stage 0)", ev / "text_niah" / "heatmap.png", t["mean"], t3 - t2),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="everything goes here (data, runs, exports)")
     parser.add_argument("--steps", type=int, default=None, help="steps per stage (default: each config's)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu when it is installed
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # (libtpu is then never started: no TPU_* variables needed)
     from absl import logging as absl_logging  # noqa: PLC0415
 
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -250,6 +322,7 @@ def main(argv=None) -> int:
         print(
             f"transformers Qwen2ForCausalLM on the stage-0 export vs lct_jax: max |logits diff| = {diff:.2e}"
         )
+    evals = evaluate(work, results[0]["checkpoint"], results[2]["checkpoint"])
     (work / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n=== demo done in {time.time() - t0:.0f} s")
     for r in results:
@@ -259,7 +332,11 @@ def main(argv=None) -> int:
     print(f"synthetic data                   {data}")
     for name, path in exports.items():
         print(f"PyTorch export, {name:17s}{path}")
-    print(f"TensorBoard                      tensorboard --logdir {work}   (event files in stage*/tb)")
+    for name, heatmap, mean, _ in evals:
+        print(f"{name + ' heatmap':33s}{heatmap}   (mean {mean:.3f}; results.json beside it)")
+    print(
+        f"TensorBoard                      tensorboard --logdir {work}   (event files in stage*/tb, eval/*/tb)"
+    )
     print(f"summary                          {work / 'summary.json'}")
     return 0
 

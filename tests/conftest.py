@@ -1,6 +1,9 @@
 """Every test sees 8 fake CPU devices; this must run before jax is first imported."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -54,6 +57,22 @@ def make_hf_qwen2(directory, *, seed=0, dtype="float32", **config):
                 p.copy_(0.1 * torch.randn_like(p))
     model.to(getattr(torch, dtype)).save_pretrained(str(directory))
     return model.float()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``(workdir, stdout)`` of one ``python -m lct_jax.demo`` run (1 CPU device), shared by the slow tests that
+    check its outputs (the demo takes ~2 minutes; it runs once per session)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    out = subprocess.run(
+        [sys.executable, "-m", "lct_jax.demo", "--workdir", str(workdir)],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    return workdir, out.stdout
 
 
 @pytest.fixture

@@ -8,7 +8,11 @@ Layout::
       tokenizer.json ...  optional tokenizer files, copied through on export
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place at the end, so a
-crash or a bad input never leaves a half-written output directory.
+crash, a bad input or a full disk never leaves a half-written output directory.
+
+:func:`check_orbax_item` tells cheaply (metadata and index nodes only, no array data) whether an Orbax item is
+complete: committed, its index readable, and every data file it references present and long enough. Training
+restarts and ``export-hf`` use it to refuse damaged or unfinished checkpoints.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
-from lct_jax.convert.mapping import ConversionError
+from lct_jax.convert.mapping import ConversionError, flatten_params
+from lct_jax.errors import DiskFullError, OutputExistsError, is_disk_full
 
 CONFIG_NAME = "lct_config.json"
 PARAMS_ITEM = "params"
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into every finished step and item
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -71,23 +78,95 @@ def config_from_dict(kind: str, d: dict):
 
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory that becomes ``out`` only if the block succeeds."""
+    """Yield a temporary directory that becomes ``out`` only if the block succeeds (a full disk on the way raises
+    :class:`lct_jax.errors.DiskFullError` naming ``out``; nothing is left behind)."""
     out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is a file, not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output directory {out} exists and is not empty; remove it or pass --overwrite"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except Exception as e:
+        if is_disk_full(e):  # (named by the outermost output: a nested one's path is inside this temporary)
+            raise DiskFullError(out) from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: readers see the old file or the new one, never a
+    truncated one (a full disk raises :class:`lct_jax.errors.DiskFullError` naming ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFullError(path) from e
+        raise
+
+
+def _locations(node) -> list[str]:
+    """OCDBT node/value locations (``"<kind>:<base>:<file>:<offset>:<length>"``) inside a dumped manifest/node."""
+    if isinstance(node, dict):
+        return [loc for v in node.values() for loc in _locations(v)]
+    if isinstance(node, list):
+        return [loc for v in node for loc in _locations(v)]
+    if isinstance(node, str) and node.split(":", 1)[0] in ("btreenode", "value", "versionnode"):
+        return [node]
+    return []
+
+
+def check_orbax_item(path: str | os.PathLike) -> str | None:
+    """What is wrong with the Orbax item (a params / opt_state / ... directory) at ``path``, or ``None``.
+
+    Checks, without reading array data: the item exists and was committed, and, for OCDBT items (Orbax's default),
+    that the index is readable and every data file it references exists and is long enough (a missing or
+    truncated ``d/<hash>`` file). ``tensorstore.ocdbt.dump`` reads the manifest and B-tree nodes.
+    """
+    path = Path(path).absolute()
+    name = path.name
+    if not path.is_dir():
+        return f"{name}/ is missing"
+    if not (path / COMMIT_MARKER).exists():
+        return f"{name}/ has no {COMMIT_MARKER} (its save did not finish)"
+    if not (path / "manifest.ocdbt").exists():
+        if any(path.glob("ocdbt.process_*")):
+            return f"{name}/manifest.ocdbt is missing"
+        return (
+            None if (path / "_METADATA").exists() else f"{name}/ has neither an OCDBT manifest nor _METADATA"
+        )
+    try:
+        kv = ts.KvStore.open(f"file://{path}/").result()
+        todo = _locations(ts.ocdbt.dump(kv).result())
+        while todo:
+            parts = todo.pop().rsplit(":", 4)
+            if len(parts) != 5:  # not a file location this check knows how to read
+                continue
+            kind, base, rel, offset, length = parts
+            f = path / (base + rel)
+            if not f.is_file():
+                return f"{name}/{base}{rel} is missing"
+            if f.stat().st_size < int(offset) + int(length):
+                return f"{name}/{base}{rel} is truncated ({f.stat().st_size} bytes, needs {int(offset) + int(length)})"
+            if kind == "btreenode":
+                todo += _locations(ts.ocdbt.dump(kv, ":".join(parts)).result())
+    except ValueError as e:  # tensorstore's errors (a corrupt manifest or node)
+        return f"{name}/ has an unreadable index ({str(e).splitlines()[0][:200]})"
+    return None
 
 
 def save_params(path: Path, params: dict) -> None:
@@ -100,13 +179,17 @@ def save_params(path: Path, params: dict) -> None:
 def restore_params_numpy(path: Path) -> dict:
     """Restore an Orbax params item as a nested dict of numpy arrays (no devices, no sharding).
 
-    Works on a standalone item (``CKPT/params``) and on an item of a training step (``STEP/params``). The
-    item-level handler is used because a ``Checkpointer`` looks for step metadata inside the item directory and
-    warns when it is (rightly) not there.
+    Works on a standalone item (``CKPT/params``) and on an item of a training step (``STEP/params``); a damaged or
+    unfinished item is a :class:`ConversionError` naming what is wrong (:func:`check_orbax_item`). The item-level
+    handler is used because a ``Checkpointer`` looks for step metadata inside the item directory and warns when it
+    is (rightly) not there.
     """
     path = Path(path).absolute()
     if not path.exists():
         raise ConversionError(f"no Orbax params at {path}")
+    problem = check_orbax_item(path)
+    if problem:
+        raise ConversionError(f"checkpoint {path.parent} is damaged or unfinished: {problem}")
     handler = ocp.PyTreeCheckpointHandler()
     try:
         meta = handler.metadata(path)
@@ -118,13 +201,22 @@ def restore_params_numpy(path: Path) -> dict:
 
 
 def save_model_checkpoint(
-    out: str | os.PathLike, kind: str, cfg, params: dict, *, extra_files=(), overwrite: bool = False
+    out: str | os.PathLike,
+    kind: str,
+    cfg,
+    params: dict,
+    *,
+    extra_files=(),
+    overwrite: bool = False,
+    source_dtype: str | None = None,
 ) -> Path:
-    """Write ``out/lct_config.json`` + ``out/params`` atomically; ``extra_files`` are copied in (tokenizer...)."""
+    """Write ``out/lct_config.json`` + ``out/params`` atomically; ``extra_files`` are copied in (tokenizer...).
+    ``source_dtype``: the dtype the weights came in (``export-hf`` writes it back by default)."""
+    meta = {"kind": kind, "config": config_to_dict(cfg)}
+    if source_dtype:
+        meta["source_dtype"] = source_dtype
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(
-            json.dumps({"kind": kind, "config": config_to_dict(cfg)}, indent=2) + "\n"
-        )
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_params(tmp / PARAMS_ITEM, params)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
@@ -163,10 +255,20 @@ def params_of(model: nnx.Module) -> dict:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
+def _abstract_model(kind: str, cfg) -> nnx.Module:
+    _, model_cls = model_classes(kind)
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(kind: str, cfg) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/c": shape}`` of a ``kind`` model with config ``cfg`` (abstract: nothing allocated)."""
+    params = nnx.state(_abstract_model(kind, cfg), nnx.Param).to_pure_dict()
+    return {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+
+
 def model_from_params(kind: str, cfg, params: dict) -> nnx.Module:
     """Build a model of ``kind`` without random init and load ``params`` (nested dict) into it."""
-    _, model_cls = model_classes(kind)
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    abstract = _abstract_model(kind, cfg)
     graphdef, state = nnx.split(abstract)
     want = jax.tree.map(lambda x: tuple(x.shape), nnx.state(abstract, nnx.Param).to_pure_dict())
     got = jax.tree.map(lambda x: tuple(np.shape(x)), params)

@@ -159,13 +159,13 @@ def _vision_prefix(keys: set[str]) -> str:
     )
 
 
-def hf_to_params(hf_dir: str | os.PathLike, cfg: CLIPConfig | None = None):
-    """(config, nested fp32 params) from an HF CLIPVisionModel or CLIPModel directory."""
+def hf_to_params(hf_dir: str | os.PathLike, cfg: CLIPConfig | None = None, *, allow_cast: bool = False):
+    """(config, nested fp32 params) from an HF CLIPVisionModel or CLIPModel directory (tensors checked)."""
     from lct_jax.convert.mapping import unflatten_params
 
     hf_cfg = read_hf_config(hf_dir)
     cfg = cfg or config_from_hf(hf_cfg)
-    st = SafetensorsDir(hf_dir)
+    st = SafetensorsDir(hf_dir, allow_cast=allow_cast)
     keys = set(st.keys())
     prefix = _vision_prefix(keys)
     if hf_cfg.get("model_type") == "clip":  # full CLIP: keep only the vision tower's tensors

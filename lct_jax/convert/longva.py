@@ -24,6 +24,7 @@ import numpy as np
 from lct_jax.convert import clip as clip_convert
 from lct_jax.convert import qwen2 as qwen2_convert
 from lct_jax.convert.mapping import (
+    DTYPES,
     ConversionError,
     Rule,
     flatten_params,
@@ -191,11 +192,12 @@ def export_shapes(cfg: LongVAConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def hf_to_params(hf_dir: str | os.PathLike, cfg: LongVAConfig | None = None):
-    """(config, nested fp32 params) from a llava_qwen directory; every tensor must be used exactly once."""
+def hf_to_params(hf_dir: str | os.PathLike, cfg: LongVAConfig | None = None, *, allow_cast: bool = False):
+    """(config, nested fp32 params) from a llava_qwen directory; every tensor must be used exactly once (and
+    pass the checks of :class:`lct_jax.convert.safetensors_io.SafetensorsDir`)."""
     hf_cfg = qwen2_convert.read_hf_config(hf_dir)
     cfg = cfg or config_from_hf(hf_cfg)
-    st = SafetensorsDir(hf_dir)
+    st = SafetensorsDir(hf_dir, allow_cast=allow_cast)
     keys = set(st.keys())
     shapes = our_shapes(cfg)
     lm, vision, projector = rules(cfg)
@@ -255,17 +257,13 @@ def init_from_parts(qwen2_hf_dir, clip_hf_dir, *, seed: int = 0, pool_stride: in
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
-def _import(hf_dir):
+def _import(hf_dir, allow_cast=False):
     hf_cfg = qwen2_convert.read_hf_config(hf_dir)
-    cfg, params = hf_to_params(hf_dir, config_from_hf(hf_cfg))
+    cfg, params = hf_to_params(hf_dir, config_from_hf(hf_cfg), allow_cast=allow_cast)
     return "longva", cfg, params, hf_cfg
 
 
 def _export(cfg, params, dtype, hf_extra):
-    from lct_jax.convert.__main__ import DTYPES
-
-    if not isinstance(cfg, LongVAConfig):
-        raise ConversionError(f"--format longva needs a LongVA checkpoint, got a {type(cfg).__name__}")
     return config_to_hf(cfg, dtype, hf_extra), params_to_hf(cfg, params, DTYPES[dtype])
 
 

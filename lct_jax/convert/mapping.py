@@ -16,10 +16,16 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+import ml_dtypes
 import numpy as np
 
+from lct_jax.errors import UserError
 
-class ConversionError(ValueError):
+# export dtypes by name (--dtype)
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
+
+
+class ConversionError(UserError, ValueError):
     """A checkpoint does not match the mapping: missing, unexpected or misshapen tensors, bad config."""
 
 

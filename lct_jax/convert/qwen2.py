@@ -181,12 +181,13 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         raise ConversionError(f"{path}: invalid JSON ({e})") from e
 
 
-def hf_to_params(hf_dir: str | os.PathLike, cfg: Qwen2Config | None = None):
-    """(config, nested fp32 params) from an HF Qwen2 directory."""
+def hf_to_params(hf_dir: str | os.PathLike, cfg: Qwen2Config | None = None, *, allow_cast: bool = False):
+    """(config, nested fp32 params) from an HF Qwen2 directory (tensors checked, see
+    :class:`lct_jax.convert.safetensors_io.SafetensorsDir`)."""
     from lct_jax.convert.mapping import unflatten_params
 
     cfg = cfg or config_from_hf(read_hf_config(hf_dir))
-    st = SafetensorsDir(hf_dir)
+    st = SafetensorsDir(hf_dir, allow_cast=allow_cast)
     keys = set(st.keys())
     table = rules(cfg)
     if cfg.tie_word_embeddings and "lm_head.weight" in keys:

@@ -1,4 +1,10 @@
-"""Reading and writing Hugging Face safetensors directories with numpy only (no torch)."""
+"""Reading and writing Hugging Face safetensors directories with numpy only (no torch).
+
+Every tensor read for an import is checked (:meth:`SafetensorsDir.__getitem__`): it must hold floating values
+lct_jax's fp32 params store exactly (float16, bfloat16, float32; any other dtype is cast only with
+``allow_cast=True``, the CLI's ``--allow-cast``) and no NaN or Inf. The error names the tensor and its file, so a
+damaged checkpoint stops the import instead of showing up as non-finite losses many steps later.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +21,18 @@ from lct_jax.convert.mapping import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+EXACT_DTYPES = ("float16", "bfloat16", "float32")  # held exactly by fp32 params
+# safetensors dtype codes -> numpy names, widest float last (the source dtype of a mixed checkpoint is the widest)
+_FLOAT_CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 class SafetensorsDir:
-    """Lazy view of the tensors of an HF directory (single file or sharded with an index)."""
+    """Lazy view of the tensors of an HF directory (single file or sharded with an index); every tensor read is
+    checked (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, allow_cast: bool = False):
         self.dir = Path(directory)
+        self.allow_cast = allow_cast
         if not self.dir.is_dir():
             raise ConversionError(f"Hugging Face directory {str(self.dir)!r} does not exist")
         index = self.dir / INDEX_NAME
@@ -55,14 +66,39 @@ class SafetensorsDir:
     def keys(self) -> list[str]:
         return list(self._files)
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def _handle(self, key: str):
         path = self._files[key]
         if path not in self._handles:
             self._handles[path] = self._open(path)
+        return path, self._handles[path]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path, handle = self._handle(key)
         try:
-            return self._handles[path].get_tensor(key)
+            arr = handle.get_tensor(key)
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"{path}: cannot read tensor {key!r} ({e})") from e
+        if arr.dtype.name not in EXACT_DTYPES and not self.allow_cast:
+            raise ConversionError(
+                f"tensor {key!r} in {path.name} is {arr.dtype.name}, not a floating type fp32 params hold exactly "
+                f"({', '.join(EXACT_DTYPES)}); pass --allow-cast to convert it to float32 anyway"
+            )
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind != "b" else 0
+        if bad:
+            raise ConversionError(
+                f"tensor {key!r} in {path.name} holds {bad} NaN/Inf of {arr.size} values; the checkpoint is damaged"
+            )
+        return arr
+
+    def source_dtype(self) -> str | None:
+        """The floating dtype the checkpoint's tensors are stored in (the widest, if they are mixed), read from the
+        file headers only; ``None`` when none is floating."""
+        found = set()
+        for key in self._files:
+            code = self._handle(key)[1].get_slice(key).get_dtype()
+            if code in _FLOAT_CODES:
+                found.add(code)
+        return next((_FLOAT_CODES[c] for c in reversed(_FLOAT_CODES) if c in found), None)
 
 
 def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -5,8 +5,9 @@ with one ``<image>`` placeholder per image or video. Per record (:class:`Prepare
 
 1. the template (``qwen_1_5`` or ``plain``) gives ids with one ``IMAGE_TOKEN`` per placeholder and the label mask;
 2. each image goes through UniRes (``image_tiles``: 1..49 tiles) or, with ``image_mode='crop'`` (stage 1),
-   one shortest-edge-resize + center crop; a video (a directory of frame images) through ``sample_frame_indices``
-   and ``frame_tiles``. Tiles stay uint8 RGB: the model applies the CLIP normalization on device;
+   one shortest-edge-resize + center crop; a video (a file or a directory of frame images, see
+   :mod:`lct_jax.data.video`) through ``sample_frame_indices`` (``num_frames`` spread uniformly) and
+   ``frame_tiles``. Tiles stay uint8 RGB: the model applies the CLIP normalization on device;
 3. placeholder k is expanded into ``tiles_k * tokens_per_tile`` slots holding ``IMAGE_TOKEN`` (never trained);
    ``visual_index`` numbers them into the sample's flattened visual tokens ``[tiles * tokens_per_tile]``.
 
@@ -24,7 +25,7 @@ Worked example (byte tokenizer, tile 28, 2 tokens per tile, plain template, imag
     segment    1  1  1  1  0  0
     visual_ix  0  1 -1 -1 -1 -1
 
-Bad records are skipped and counted (``missing_image``, ``bad_image``, ``no_assistant_turn``,
+Bad records are skipped and counted (``missing_image``, ``bad_image``, ``bad_video``, ``no_assistant_turn``,
 ``bad_conversation``, ``placeholder_mismatch``, ``too_long``, ``too_many_tiles``, ``bad_record``).
 """
 
@@ -37,13 +38,15 @@ import os
 import numpy as np
 from grain import DatasetIterator, IterDataset
 
-from lct_jax.data.loader import PipelineOptions
-from lct_jax.data.skips import BadRecord, next_record, skip_or_raise, zero_skips
+from lct_jax.data.options import PipelineOptions
+from lct_jax.data.skips import BadRecord, SkipGuard, SkipPolicy, next_record, parse_json, zero_skips
 from lct_jax.data.templates import DEFAULT_SYSTEM, IMAGE_TOKEN, encode_plain, encode_qwen_1_5
 from lct_jax.data.text import JsonlSource
 from lct_jax.data.tokenizer import load_tokenizer
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# the skips this stage's pipeline can produce (only these appear in its metrics)
+MULTIMODAL_SKIPS = ("missing_image", "bad_image", "bad_video", "no_assistant_turn", "bad_conversation",
+                    "placeholder_mismatch", "too_long", "too_many_tiles", "bad_record")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +76,35 @@ class MultimodalDataConfig:
             raise ValueError(f"max_len={self.max_len} must be >= 2 and max_tiles={self.max_tiles} >= 1")
 
 
+class JsonListSource:
+    """The records of a LLaVA ``.json`` file (one JSON list), each re-encoded as JSON bytes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path) as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"annotations={path!r} is not valid JSON ({e})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"annotations={path!r} must hold a JSON list of records")
+        self._records = [json.dumps(r).encode() for r in records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._records[i]
+
+    def where(self, i: int) -> str:
+        return f"{self.path}[{i}]"
+
+
 def make_source(cfg: MultimodalDataConfig):
     """Records as JSON bytes (parsed per record, so one malformed record is one skip, not a dead run)."""
     if cfg.annotations.endswith(".jsonl"):
         return JsonlSource([cfg.annotations])
-    with open(cfg.annotations) as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"annotations={cfg.annotations!r} must hold a JSON list of records")
-    return [json.dumps(r).encode() for r in records]
+    return JsonListSource(cfg.annotations)
 
 
 class PrepareSample:
@@ -93,14 +116,31 @@ class PrepareSample:
 
     def _path(self, p) -> str:
         if not isinstance(p, str) or not p:
-            raise BadRecord("bad_record", f"visual path {p!r} is not a non-empty string")
+            raise BadRecord("bad_record", f"visual path {p!r:.80} is not a non-empty string")
         return p if os.path.isabs(p) else os.path.join(self.cfg.image_root, p)
+
+    def _visuals(self, rec: dict) -> list[tuple[str, str]]:
+        """``[(kind, path)]``: the record's images (a path or a list of paths) then its video, in order; a field
+        that is absent, ``null`` or empty means none, any other non-path value is a bad record."""
+        images = rec.get("image")
+        if images is None or images == "" or images == []:
+            images = []
+        elif isinstance(images, str):
+            images = [images]
+        elif not isinstance(images, list):
+            raise BadRecord("bad_record", f"'image' must be a path or a list of paths, got {images!r:.80}")
+        out = [("image", self._path(p)) for p in images]
+        if rec.get("video") not in (None, ""):
+            out.append(("video", self._path(rec["video"])))
+        return out
 
     def _image(self, path: str) -> np.ndarray:
         from lct_jax.data import unires
 
         if not os.path.exists(path):
-            raise BadRecord("missing_image", f"{path}: no such file")
+            raise BadRecord(
+                "missing_image", f"{path}: no such file", f"config.data.image_root={self.cfg.image_root!r}"
+            )
         try:
             img = unires.load_image(path)
             if self.cfg.image_mode == "crop":
@@ -110,49 +150,53 @@ class PrepareSample:
             raise BadRecord("bad_image", f"{path}: {e}") from e
 
     def _video(self, path: str) -> np.ndarray:
-        from lct_jax.data import unires
+        from lct_jax.data import unires, video  # video brings PyAV: only records with a video need it
 
-        if not os.path.isdir(path):
-            raise BadRecord("missing_image", f"video {path}: not a directory of frame images")
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise BadRecord("missing_image", f"video {path}: no frame images")
-        idx = unires.sample_frame_indices(len(files), num_frames=min(self.cfg.num_frames, len(files)))
+        if not os.path.exists(path):
+            raise BadRecord("missing_image", f"video {path}: no such file or directory",
+                            f"config.data.image_root={self.cfg.image_root!r}")  # fmt: skip
         try:
-            frames = [unires.load_image(os.path.join(path, files[int(i)])) for i in idx]
-            return unires.frame_tiles(frames, tile=self.cfg.tile)
-        except Exception as e:  # noqa: BLE001
-            raise BadRecord("bad_image", f"video {path}: {e}") from e
+            v = video.probe(path)
+            idx = v.sample(num_frames=min(self.cfg.num_frames, v.num_frames))
+            # each frame becomes its tile as it streams by: never more than one full-size frame held
+            return np.concatenate([unires.frame_tiles([img], tile=self.cfg.tile) for _, img in v.frames(idx)])
+        except video.BadVideoError as e:  # unreadable, zero-frame, truncated, a bad frame image
+            raise BadRecord("bad_video", str(e)) from e
 
     def prepare(self, rec) -> dict[str, np.ndarray]:
+        """One record -> sample; :class:`BadRecord` for anything unusable (every field's type is checked)."""
         cfg = self.cfg
-        try:
-            rec = json.loads(rec) if isinstance(rec, bytes | str) else rec
-        except json.JSONDecodeError as e:
-            raise BadRecord("bad_record", f"not JSON: {e}") from e
+        rec = (
+            parse_json(rec, f"config.data.annotations={cfg.annotations!r}")
+            if isinstance(rec, bytes | str)
+            else rec
+        )
         if not isinstance(rec, dict):
-            raise BadRecord("bad_record", f"record is a {type(rec).__name__}, not an object")
+            raise BadRecord("bad_record", f"record is a {type(rec).__name__}, not an object",
+                            f"config.data.annotations={cfg.annotations!r} (LLaVA records)")  # fmt: skip
         conv = rec.get("conversations")
         if cfg.template == "plain":
             enc = encode_plain(conv, self.tok)
         else:
             enc = encode_qwen_1_5(conv, self.tok, system=cfg.system)
-        images = rec.get("image") or []
-        images = [images] if isinstance(images, str) else list(images)
-        visuals = [("image", p) for p in images] + ([("video", rec["video"])] if rec.get("video") else [])
+        visuals = self._visuals(rec)
         if enc.num_placeholders != len(visuals):
             raise BadRecord(
                 "placeholder_mismatch",
                 f"{enc.num_placeholders} <image> placeholders but {len(visuals)} images/videos",
             )
         if len(enc.ids) - 1 > cfg.max_len:  # text alone too long: no need to decode anything
-            raise BadRecord("too_long", f"{len(enc.ids) - 1} text tokens > max_len={cfg.max_len}")
-        pixels = [
-            self._image(self._path(p)) if k == "image" else self._video(self._path(p)) for k, p in visuals
-        ]
+            raise BadRecord(
+                "too_long", f"{len(enc.ids) - 1} text tokens > max_len={cfg.max_len}", "config.data.max_len"
+            )
+        pixels = [self._image(p) if k == "image" else self._video(p) for k, p in visuals]
         n_tiles = sum(len(p) for p in pixels)
         if n_tiles > cfg.max_tiles:
-            raise BadRecord("too_many_tiles", f"{n_tiles} tiles/frames > max_tiles={cfg.max_tiles}")
+            raise BadRecord(
+                "too_many_tiles",
+                f"{n_tiles} tiles/frames > max_tiles={cfg.max_tiles}",
+                "config.data.max_tiles",
+            )
         # expand placeholder k into its tiles * tokens_per_tile slots
         tpt = cfg.tokens_per_tile
         ids, trained, vis = [], [], []
@@ -172,18 +216,15 @@ class PrepareSample:
         vis.append(np.full([len(enc.ids) - start], -1, np.int32))
         ids, trained, vis = np.concatenate(ids), np.concatenate(trained), np.concatenate(vis)
         if len(ids) - 1 > cfg.max_len:
-            raise BadRecord("too_long", f"{len(ids) - 1} tokens with visual slots > max_len={cfg.max_len}")
+            raise BadRecord("too_long", f"{len(ids) - 1} tokens with visual slots > max_len={cfg.max_len}",
+                            "config.data.max_len")  # fmt: skip
         if not trained[1:].any():
             raise BadRecord("no_assistant_turn", "nothing to train on after the shift")
         s = cfg.tile
         pix = np.concatenate(pixels) if pixels else np.zeros([0, s, s, 3], np.uint8)
         return {"ids": ids, "trained": trained, "visual_index": vis, "pixels": pix}
 
-    def __call__(self, index: int, rec):
-        try:
-            return self.prepare(rec)
-        except BadRecord as e:
-            return skip_or_raise(e, f"record {index}", self.cfg.options.strict)
+    __call__ = prepare
 
 
 # -------------------------------------------------------------------------------------------------- rows
@@ -222,15 +263,16 @@ def build_row(samples: list[dict], cfg: MultimodalDataConfig, pad_id: int) -> di
 
 
 class _PackSamplesIterator(DatasetIterator):
-    def __init__(self, parent: DatasetIterator, cfg: MultimodalDataConfig, pad_id: int):
+    def __init__(self, parent: DatasetIterator, cfg: MultimodalDataConfig, pad_id: int, skips: SkipPolicy):
         super().__init__(parent)
+        self._guard = SkipGuard(skips)
         self.cfg, self.pad_id = cfg, pad_id
         self._held = None  # a sample fetched but not yet placed (did not fit the previous row)
         self._held_state = None  # parent state right before self._held was fetched
         self._pending = zero_skips()
 
     def _fetch(self) -> bool:
-        got = next_record(self._parent, self._pending)
+        got = next_record(self._parent, self._pending, self._guard)
         if got is None:
             return False
         self._held, self._held_state = got
@@ -248,8 +290,9 @@ class _PackSamplesIterator(DatasetIterator):
             self._held, tokens, tiles = None, tokens + n, tiles + k
             if not self.cfg.pack:
                 break
-        if not samples:
+        if not samples and not self._pending.any():
             raise StopIteration
+        # (no samples: end of finite data; an empty row carries the last skips, the loader counts and drops it)
         row = build_row(samples, self.cfg, self.pad_id)
         row["_skips"], self._pending = self._pending, zero_skips()
         return row
@@ -271,15 +314,16 @@ class _PackSamplesIterator(DatasetIterator):
 
 
 class PackSamplesIterDataset(IterDataset):
-    """Prepared samples (or :class:`Skipped`) -> fixed-shape rows; one sample per row unless ``cfg.pack``."""
+    """Prepared samples (or :class:`Skipped`) -> fixed-shape rows; one sample per row unless ``cfg.pack``.
+    ``skips`` bounds the skips (:class:`lct_jax.data.skips.SkipPolicy`)."""
 
-    def __init__(self, parent: IterDataset, cfg: MultimodalDataConfig):
+    def __init__(self, parent: IterDataset, cfg: MultimodalDataConfig, skips: SkipPolicy | None = None):
         super().__init__(parent)
-        self.cfg = cfg
+        self.cfg, self.skips = cfg, skips or SkipPolicy()
         self.pad_id = load_tokenizer(cfg.tokenizer).pad_id
 
     def __iter__(self):
-        return _PackSamplesIterator(self._parent.__iter__(), self.cfg, self.pad_id)
+        return _PackSamplesIterator(self._parent.__iter__(), self.cfg, self.pad_id, self.skips)
 
     def __str__(self):
         return f"PackSamplesIterDataset(L={self.cfg.max_len}, M={self.cfg.max_tiles}, pack={self.cfg.pack})"

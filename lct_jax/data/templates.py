@@ -53,7 +53,8 @@ def _turns(conversations) -> list[tuple[str, str]]:
         )
     out = []
     for i, turn in enumerate(conversations):
-        role = _ROLES.get(turn.get("from") if isinstance(turn, dict) else None)
+        who = turn.get("from") if isinstance(turn, dict) else None
+        role = _ROLES.get(who) if isinstance(who, str) else None  # a list or dict here is unhashable
         value = turn.get("value") if isinstance(turn, dict) else None
         if role is None or not isinstance(value, str):
             raise BadRecord(

@@ -36,16 +36,18 @@ its document, which it can do from inside its own segment).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from grain import DatasetIterator, IterDataset
 
-from lct_jax.data.loader import PipelineOptions
-from lct_jax.data.skips import BadRecord, Skipped, next_record, skip_or_raise, zero_skips
+from lct_jax.data.options import PipelineOptions
+from lct_jax.data.skips import BadRecord, SkipGuard, SkipPolicy, next_record, parse_json, zero_skips
 from lct_jax.data.tokenizer import load_tokenizer
+
+# the skips this stage's pipeline can produce (only these appear in its metrics)
+TEXT_SKIPS = ("empty_document", "too_long", "bad_record")
 
 # ---------------------------------------------------------------------------------------------------- sources
 
@@ -55,7 +57,7 @@ class JsonlSource:
 
     def __init__(self, paths: str | Sequence[str]):
         self.paths = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
-        starts, files = [], []
+        spans, lines, files = [], [], []
         for k, path in enumerate(self.paths):
             with open(path, "rb") as f:
                 data = f.read()
@@ -63,9 +65,11 @@ class JsonlSource:
             begin = np.concatenate([[0], nl + 1]).astype(np.int64)
             end = np.concatenate([nl, [len(data)]]).astype(np.int64)
             keep = end > begin  # blank lines are not records
-            starts.append(np.stack([begin[keep], end[keep]], 1))
+            spans.append(np.stack([begin[keep], end[keep]], 1))
+            lines.append(np.flatnonzero(keep).astype(np.int64) + 1)  # 1-based line numbers
             files.append(np.full([int(keep.sum())], k, np.int32))
-        self._spans = np.concatenate(starts) if starts else np.zeros([0, 2], np.int64)  # [N, 2]
+        self._spans = np.concatenate(spans) if spans else np.zeros([0, 2], np.int64)  # [N, 2]
+        self._line = np.concatenate(lines) if lines else np.zeros([0], np.int64)  # [N]
         self._file = np.concatenate(files) if files else np.zeros([0], np.int32)  # [N]
         self._fds: dict[int, int] = {}
 
@@ -79,6 +83,10 @@ class JsonlSource:
         b, e = self._spans[i]
         return os.pread(self._fds[k], int(e - b), int(b))  # positional: safe under grain's reader threads
 
+    def where(self, i: int) -> str:
+        """``path:line`` of record ``i``."""
+        return f"{self.paths[int(self._file[i])]}:{int(self._line[i])}"
+
     def __getstate__(self):  # file descriptors do not cross into worker processes
         return {**self.__dict__, "_fds": {}}
 
@@ -87,69 +95,113 @@ class JsonlSource:
             os.close(fd)
 
 
-def array_record_source(paths: str | Sequence[str]):
-    """``grain.sources.ArrayRecordDataSource`` (records are bytes; see :class:`TokenizeDocument` for formats)."""
-    import grain
+class ArrayRecordSource:
+    """``grain.sources.ArrayRecordDataSource`` over ``paths`` (records are bytes; see :class:`TokenizeDocument`
+    for formats) that can name the file and position of a record."""
 
-    return grain.sources.ArrayRecordDataSource(paths)
+    def __init__(self, paths: str | Sequence[str]):
+        import grain  # noqa: PLC0415 - array_record is loaded only for this source
+
+        self.paths = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
+        self._src = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._src[i]
+
+    def where(self, i: int) -> str:
+        # array_record's own index arithmetic (private; the fallback names the global record number)
+        try:
+            k, pos = self._src._reader_idx_and_position(i)
+            return f"{self._src._read_instructions[k].filename} record {pos}"
+        except AttributeError:
+            return f"record {i} of the ArrayRecord files {self.paths}"
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None):
+class TfdsSource:
     """A tensorflow-datasets data source (ArrayRecord builds; no TensorFlow needed). Records are feature dicts."""
-    import tensorflow_datasets as tfds
 
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    def __init__(self, name: str, split: str, data_dir: str | None = None):
+        import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy
+
+        self.name, self.split = name, split
+        self._src = tfds.data_source(name, split=split, data_dir=data_dir)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int):
+        return self._src[i]
+
+    def where(self, i: int) -> str:
+        return f"tfds {self.name}:{self.split}[{i}]"
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
 
 
 class TokenizeDocument:
-    """Record -> int32[T] document tokens (no BOS; the packer adds it), or a :class:`Skipped` marker.
+    """Record -> int32[T] document tokens (no BOS; the packer adds it); :class:`BadRecord` for unusable records.
 
     ``record_format``: ``'json'`` (bytes/str holding a JSON object with ``field``), ``'text'`` (UTF-8 bytes),
     ``'tokens'`` (little-endian int32 bytes of pre-tokenized ids); dict records (tfds) read ``field`` directly.
     """
 
-    def __init__(self, tokenizer, field: str = "text", record_format: str = "json", strict: bool = False):
+    def __init__(self, tokenizer, field: str = "text", record_format: str = "json"):
         if record_format not in ("json", "text", "tokens"):
             raise ValueError(f"{record_format=} must be one of 'json', 'text', 'tokens'")
-        self.tokenizer, self.field, self.record_format, self.strict = tokenizer, field, record_format, strict
+        self.tokenizer, self.field, self.record_format = tokenizer, field, record_format
+
+    def _field(self, obj) -> object:
+        if not isinstance(obj, dict) or obj.get(self.field) is None:
+            fields = sorted(map(str, obj))[:8] if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+            raise BadRecord(
+                "bad_record",
+                f"record has no field {self.field!r}",
+                f"config.data.field={self.field!r} (the record has {fields})",
+            )
+        return obj[self.field]
+
+    def _tokens(self, value) -> np.ndarray:
+        if isinstance(value, bytes):
+            if len(value) % 4:
+                raise BadRecord("bad_record", f"{len(value)} bytes is not a whole number of int32 tokens")
+            ids = np.frombuffer(value, "<i4").astype(np.int32)
+        elif isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+            ids = value.astype(np.int32)
+        else:
+            raise BadRecord("bad_record", f"token ids must be int32 bytes or a 1-D integer array, got "
+                            f"{type(value).__name__}", f"config.data.record_format={self.record_format!r}")  # fmt: skip
+        if ids.size and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
+            raise BadRecord("bad_record", f"token ids outside the tokenizer's 0..{self.tokenizer.vocab_size - 1}",
+                            "config.data.tokenizer")  # fmt: skip
+        return ids
 
     def _text(self, rec) -> str | np.ndarray:
-        from_dict = isinstance(rec, dict)
-        if from_dict:  # tfds feature dict: the field holds the text (or token ids) itself
-            rec = rec.get(self.field)
-            if rec is None:
-                raise BadRecord("bad_record", f"record has no field {self.field!r}")
-        if self.record_format == "tokens" and isinstance(rec, bytes | np.ndarray):
-            return (
-                np.frombuffer(rec, "<i4").astype(np.int32) if isinstance(rec, bytes) else rec.astype(np.int32)
-            )
+        if isinstance(rec, dict):  # tfds feature dict: the field holds the text (or token ids) itself
+            rec = self._field(rec)
+        elif self.record_format == "json":
+            rec = self._field(parse_json(rec, f"config.data.record_format={self.record_format!r}"))
+        if self.record_format == "tokens":
+            return self._tokens(rec)
         if isinstance(rec, bytes):
             try:
                 rec = rec.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise BadRecord("bad_record", f"not UTF-8: {e}") from e
-        if self.record_format == "json" and isinstance(rec, str) and not from_dict:
-            try:
-                obj = json.loads(rec)
-            except json.JSONDecodeError as e:
-                raise BadRecord("bad_record", f"not JSON: {e}") from e
-            rec = obj.get(self.field) if isinstance(obj, dict) else None
-            if not isinstance(rec, str):
-                raise BadRecord("bad_record", f"JSON record has no string field {self.field!r}")
+                raise BadRecord("bad_record", f"not UTF-8: {e}") from None
+        if not isinstance(rec, str):
+            raise BadRecord("bad_record", f"field {self.field!r} holds a {type(rec).__name__}, not text",
+                            f"config.data.field={self.field!r}")  # fmt: skip
         return rec
 
-    def __call__(self, index: int, rec) -> np.ndarray | Skipped:
-        try:
-            text = self._text(rec)
-            ids = text if isinstance(text, np.ndarray) else self.tokenizer.encode_array(text)
-            if ids.size == 0:
-                raise BadRecord("empty_document", "document has no tokens")
-            return ids
-        except BadRecord as e:
-            return skip_or_raise(e, f"document {index}", self.strict)
+    def __call__(self, rec) -> np.ndarray:
+        text = self._text(rec)
+        ids = text if isinstance(text, np.ndarray) else self.tokenizer.encode_array(text)
+        if ids.size == 0:
+            raise BadRecord("empty_document", "document has no tokens")
+        return ids
 
 
 # -------------------------------------------------------------------------------------------------- packing
@@ -184,22 +236,24 @@ def pack_row_fields(
 
 
 class _PackTextIterator(DatasetIterator):
-    def __init__(self, parent: DatasetIterator, seq_len, bos_id, pad_id, per_document, drop_remainder):
+    def __init__(self, parent: DatasetIterator, seq_len, bos_id, pad_id, per_document, drop_remainder, skips):
         super().__init__(parent)
+        self._guard = SkipGuard(skips)
         self.seq_len, self.bos_id, self.pad_id = seq_len, bos_id, pad_id
         self.per_document, self.drop_remainder = per_document, drop_remainder
-        self._doc: np.ndarray | None = None  # current document with its BOS
-        self._off = 0  # next unread token of self._doc
+        # the current document's tokens; it is read as BOS + tokens (the BOS is not stored: no copy of a long one)
+        self._doc: np.ndarray | None = None
+        self._off = 0  # next unread position of BOS + self._doc
         self._doc_state = parent.get_state()  # parent state right before self._doc was fetched
         self._pending = zero_skips()  # skips seen since the last emitted row
         self._done = False
 
     def _fetch(self) -> bool:
-        got = next_record(self._parent, self._pending)
+        got = next_record(self._parent, self._pending, self._guard)
         if got is None:
             return False
         x, self._doc_state = got
-        self._doc = np.concatenate([np.array([self.bos_id], np.int32), np.asarray(x, np.int32)])
+        self._doc = np.asarray(x, np.int32)
         self._off = 0
         return True
 
@@ -211,18 +265,23 @@ class _PackTextIterator(DatasetIterator):
         starts = np.zeros([need], bool)
         n = 0
         while n < need:
-            if self._doc is None or self._off == len(self._doc):
+            if self._doc is None or self._off == len(self._doc) + 1:
                 if not self._fetch():
                     break
-            take = min(need - n, len(self._doc) - self._off)
-            window[n : n + take] = self._doc[self._off : self._off + take]
-            starts[n] = self._off == 0
+            take = min(need - n, len(self._doc) + 1 - self._off)
+            if self._off == 0:  # the document opens with its BOS
+                window[n], starts[n] = self.bos_id, True
+                window[n + 1 : n + take] = self._doc[: take - 1]
+            else:
+                window[n : n + take] = self._doc[self._off - 1 : self._off - 1 + take]
             n += take
             self._off += take
         if n < need:  # end of data
             self._done = True
             if n <= 1 or self.drop_remainder:
-                raise StopIteration
+                if not self._pending.any():
+                    raise StopIteration
+                n = 0  # an empty row carries the last skips (the loader counts them and drops the row)
         else:
             self._off -= 1  # the window's last token opens the next row
         row = pack_row_fields(window, starts, n, self.seq_len, self.pad_id, self.per_document)
@@ -254,15 +313,17 @@ class _PackTextIterator(DatasetIterator):
 class PackTextIterDataset(IterDataset):
     """Documents (int32[T] or :class:`Skipped`) -> rows of the batch schema, plus a ``_skips`` count vector.
 
-    Skips ride on the next row; in a finite run, records skipped after the last row are logged but not counted.
+    Skips ride on the next row; at the end of finite data, skips that no row carries (after the last row, or on a
+    dropped remainder) ride on an empty row (no segments), which the loader counts and drops. ``skips`` bounds
+    them (:class:`lct_jax.data.skips.SkipPolicy`).
     """
 
     def __init__(self, parent: IterDataset, seq_len: int, bos_id: int, pad_id: int, per_document=False,
-                 drop_remainder=False):  # fmt: skip
+                 drop_remainder=False, skips: SkipPolicy | None = None):  # fmt: skip
         super().__init__(parent)
         if seq_len < 1:
             raise ValueError(f"{seq_len=} must be >= 1")
-        self._args = (seq_len, bos_id, pad_id, per_document, drop_remainder)
+        self._args = (seq_len, bos_id, pad_id, per_document, drop_remainder, skips or SkipPolicy())
 
     def __iter__(self):
         return _PackTextIterator(self._parent.__iter__(), *self._args)
@@ -300,7 +361,7 @@ def make_source(cfg: TextDataConfig):
     if cfg.source == "jsonl":
         return JsonlSource(list(cfg.paths))
     if cfg.source == "array_record":
-        return array_record_source(list(cfg.paths))
+        return ArrayRecordSource(list(cfg.paths))
     if cfg.source == "tfds":
-        return tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.data_dir)
+        return TfdsSource(cfg.tfds_name, cfg.tfds_split, cfg.data_dir)
     raise ValueError(f"source={cfg.source!r} must be 'jsonl', 'array_record' or 'tfds'")

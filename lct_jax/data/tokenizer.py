@@ -112,18 +112,48 @@ class HFTokenizer:
         self.im_start_id = ids[IM_START]
         self.im_end_id = self.eos_id = ids[IM_END]
         self.vocab_size = self._tok.get_vocab_size()
+        self.piece_chars = 1 << 16
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), np.int32)
+        """int32[T]. Long texts are encoded in pieces of at most ``piece_chars`` characters, cut where the
+        result is the same (see :func:`piece_cuts`): ``tokenizers`` holds ~150 bytes per character of input while
+        it encodes (offsets, token strings), i.e. GBs for one book-sized document; pieces keep that to a few MB."""
+        bounds = [0, *piece_cuts(text, self.piece_chars), len(text)]
+        parts = [
+            np.asarray(self.encode(text[a:b]), np.int32) for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def piece_cuts(text: str, piece_chars: int) -> list[int]:
+    """Positions that cut ``text`` into pieces of at most ``piece_chars`` characters whose encodings, laid end to
+    end, equal the encoding of the whole: a single space between a non-space and a letter, where byte-level BPE
+    pre-tokenizers (GPT-2, Qwen2) always start a new word (" word") and no special token is cut. A piece with no
+    such space in its second half is cut at its end, before a ``<|special|>`` it would split (rare: the tokens
+    right at that cut may differ)."""
+    cuts, start, n = [], 0, len(text)
+    while n - start > piece_chars:
+        end = start + piece_chars
+        j = text.rfind(" ", start + piece_chars // 2, end)
+        while j > start and (text[j - 1].isspace() or not text[j + 1].isalpha()):
+            j = text.rfind(" ", start + piece_chars // 2, j)
+        if j <= start:
+            j = end
+            opened = text.rfind("<|", start + 1, end)
+            if opened > start and text.find("|>", opened) >= end - 1:
+                j = opened
+        start = j
+        cuts.append(start)
+    return cuts
 
 
 def qwen_tokenizer_path() -> str:

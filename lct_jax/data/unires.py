@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+from lct_jax.clip_constants import CLIP_MEAN, CLIP_STD
+
 TILE = 336
 TOKENS_PER_TILE = 144  # (336 / 14 / 2)²
 MAX_TILES = 49
@@ -155,13 +155,21 @@ def sample_frame_indices(
     num_frames: int | None = None,
     fps: float | None = None,
     video_fps: float | None = None,
+    frame_times: np.ndarray | None = None,
+    tolerance: float = 1e-9,
 ) -> np.ndarray:
     """Indices of the frames to encode, int64[F], non-decreasing.
 
     - ``num_frames=N``: N indices spread uniformly over the whole video, first and last frame included
       (``linspace(0, total − 1, N)`` truncated, as LongVA's inference code); repeats when N > total.
-    - ``fps=r, video_fps=v``: r frames per second of video time (V-NIAH uses r = 1): frame k is at time k / r,
-      index ``floor(k · v / r)``, for every such time inside the video. Follows real time even for 29.97 fps.
+    - ``fps=r, video_fps=v``: r frames per second of video time (V-NIAH uses r = 1): sample k is the frame on
+      screen at time k / r, for every such time inside the video. Frame i starts at ``frame_times[i]`` seconds
+      (presentation times, first frame at 0; default ``i / v``, which gives index ``floor(k · v / r)``) and the
+      last frame lasts 1 / v. Follows real time for 29.97 fps and for variable-frame-rate files alike.
+      ``tolerance`` (seconds) absorbs timestamp rounding, e.g. half the container's time base.
+
+    Worked example, 29.97 fps (v = 30000/1001), r = 1, 100 frames (3.34 s): times 0, 1, 2, 3 s → frames
+    0, 29, 59, 89 (every ~29.97th frame, never drifting to 30, 60, 90).
     """
     if num_frames_total < 1:
         raise ValueError(f"{num_frames_total=}: the video has no frames")
@@ -175,10 +183,17 @@ def sample_frame_indices(
         raise ValueError(
             f"sampling by rate needs fps > 0 and the video's video_fps > 0; got {fps=}, {video_fps=}"
         )
-    step = video_fps / fps  # source frames per sampled frame
-    count = max(1, math.ceil(num_frames_total / step - 1e-9))
-    idx = np.floor(np.arange(count) * step + 1e-9).astype(np.int64)
-    return np.minimum(idx, num_frames_total - 1)
+    if frame_times is None:
+        frame_times = np.arange(num_frames_total) / video_fps
+    frame_times = np.asarray(frame_times, np.float64)
+    if frame_times.shape != (num_frames_total,) or (np.diff(frame_times) < 0).any():
+        raise ValueError(
+            f"frame_times must be {num_frames_total} non-decreasing times, got {frame_times.shape}"
+        )
+    end = frame_times[-1] + 1 / video_fps  # the last frame is on screen until then
+    count = max(1, math.ceil(end * fps - 1e-9))
+    on_screen = np.searchsorted(frame_times, np.arange(count) / fps + tolerance, side="right") - 1
+    return np.maximum(on_screen, 0).astype(np.int64)
 
 
 def resize_center_crop(img: Image.Image, size: int = TILE) -> Image.Image:

@@ -27,10 +27,6 @@ from flax import nnx
 from lct_jax.model.layers import Dense, LayerNorm, param, scan_layers, stack_layers
 from lct_jax.sharding import constrain
 
-# CLIP's pixel normalization (RGB), shared with the preprocessing in lct_jax.data.unires.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:

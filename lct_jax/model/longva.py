@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lct_jax.data.unires import CLIP_MEAN, CLIP_STD
+from lct_jax.clip_constants import CLIP_MEAN, CLIP_STD
 from lct_jax.model import clip as clip_lib
 from lct_jax.model import qwen2 as qwen2_lib
 from lct_jax.model.clip import CLIPConfig, CLIPVisionTower

@@ -26,6 +26,12 @@ def read_scalars(path: str | os.PathLike) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def scalar_steps(path: str | os.PathLike, tag: str) -> list[int]:
+    """Every step ``tag`` is shown at, in order, repeats included (what TensorBoard plots; :func:`read_scalars`
+    keeps one value per step)."""
+    return [e.step for e in _load(path).Scalars(tag)]
+
+
 def read_images(path: str | os.PathLike) -> dict[str, dict[int, bytes]]:
     """``{tag: {step: encoded PNG bytes}}``."""
     acc = _load(path)

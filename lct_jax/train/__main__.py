@@ -1,17 +1,23 @@
 r"""Entry point: ``python -m lct_jax.train --config=configs/<stage>.py:size=7b|1.5b|0.5b|tiny --workdir=DIR``.
 
 Single fields: ``--config.num_steps=200 --config.init_from=ckpt/qwen2_7b``. Re-running the same command resumes
-from the latest checkpoint in ``DIR/checkpoints``. On a multi-host TPU pod every host runs the same command
-(``launch/run.sh`` does that) and ``jax.distributed.initialize()`` connects them.
+from the newest checkpoint in ``DIR/checkpoints`` that verifies (``--config.resume_step=N`` picks one). On a
+multi-host run every process runs the same command (``launch/up.sh`` does that on a TPU slice);
+``--distributed=auto`` connects them where JAX detects the cluster, explicit
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` anywhere else
+(see :mod:`lct_jax.train.distributed`). A failure the user can fix (a mistyped ``--config.`` field, another
+stage's workdir, data with no usable record, a full disk, a bad distributed setting) is one ``error: ...`` line and
+exit code 2 (``--debug`` or ``LCT_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lct_jax.cli import debug_requested, one_line, report_errors, skip_absent_tpu
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file: configs/<stage>.py:size=...")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and config.json go here")
@@ -19,16 +25,32 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
     ["auto", "yes", "no"],
-    "call jax.distributed.initialize(): auto = when running on a multi-host Cloud TPU VM",
+    "connect the processes of a multi-host run (lct_jax/train/distributed.py): auto = when JAX detects a cluster "
+    "(Cloud TPU VM slice, GKE, SLURM, Open MPI, Kubernetes) or the settings below are given; yes = must; no = never",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 (env LCT_COORDINATOR_ADDRESS, JAX_COORDINATOR_ADDRESS)",
+)
+# strings, validated by lct_jax.train.distributed like their environment variables (one-line errors)
+_NUM_PROCESSES = flags.DEFINE_string("num_processes", None, "processes in the run (env LCT_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_string("process_id", None, "this process, 0..num_processes-1 (env LCT_PROCESS_ID)")
+_BIND = flags.DEFINE_string(
+    "coordinator_bind_address",
+    None,
+    "where process 0 listens (default [::]:PORT; env LCT_COORDINATOR_BIND_ADDRESS, JAX_COORDINATOR_BIND_ADDRESS)",
+)
+_LOCAL_DEVICES = flags.DEFINE_string(
+    "local_device_ids",
+    None,
+    "devices this process uses, e.g. 0,1 (env LCT_LOCAL_DEVICE_IDS, JAX_LOCAL_DEVICE_IDS)",
+)
+_DIST_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout", 300, "seconds allowed for cluster detection and for all processes to connect"
+)
+flags.DEFINE_bool("debug", False, "show the traceback of every failure (also: LCT_DEBUG=1)")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _on_pod() -> bool:
-    # Cloud TPU VMs list every host of the slice here; more than one host = a pod slice
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or bool(
-        os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-    )
 
 
 def main(argv):
@@ -36,8 +58,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     import jax  # noqa: PLC0415
 
-    if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _on_pod()):
-        jax.distributed.initialize()
+    skip_absent_tpu()
+    from lct_jax.train import distributed  # noqa: PLC0415
+
+    given = {f.name: f.value for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _BIND, _LOCAL_DEVICES)}
+    print(distributed.start(_DISTRIBUTED.value, distributed.settings(given), _DIST_TIMEOUT.value))
     from lct_jax.train.loop import NonFiniteError  # noqa: PLC0415
     from lct_jax.train.run import run  # noqa: PLC0415
 
@@ -59,5 +84,19 @@ def main(argv):
     return 0
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a command line that does not parse (e.g. a mistyped ``--config.`` field) as one
+    ``error:`` line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl and ml_collections raise several types; all are the command line's fault
+        if debug_requested(argv):
+            raise
+        from lct_jax.train.run import flag_error_message  # noqa: PLC0415 - imports JAX; only on this path
+
+        print(f"error: {one_line(flag_error_message(list(argv), e))}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: report_errors(lambda: main(argv), sys.argv), flags_parser=_parse_flags)

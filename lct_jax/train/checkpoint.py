@@ -14,7 +14,14 @@ also a model checkpoint for the convert CLI (``python -m lct_jax.convert export-
 ...``) and for the next stage's ``init_from``.
 
 Restores use the *current* run's abstract state (shapes + shardings), so a checkpoint saved on one mesh shape
-restores onto another.
+restores onto another. The data iterator restores exactly when this process's saved state has the current data
+layout (shard count, workers); a checkpoint written by another process count or data sharding resumes its data
+stream as ``lct_jax.data.loader.elastic_state`` documents, with a warning.
+
+A restart takes the newest step that verifies (:func:`check_step`: committed, every item present and readable, no
+data file missing or truncated, the data-iterator JSON intact): :func:`choose_restore_step` reports each newer
+step it skips and why, and renames it aside to ``<step>.corrupt`` (never deletes it). ``resume_step`` picks a step
+instead (newer steps are then renamed to ``<step>.superseded``, so that later saves do not collide with them).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lct_jax.convert.checkpoint import COMMIT_MARKER, check_orbax_item
+from lct_jax.data.loader import restore_saved_state, saved_state_matches
+from lct_jax.errors import CheckpointError
 from lct_jax.train.optimizer import merge_params, split_trainable
 from lct_jax.train.state import StateSpec, TrainState
 
@@ -48,14 +58,15 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
-    def write_model_config(self, kind: str, cfg) -> None:
-        """``lct_config.json`` next to the step dirs, so each ``<step>`` is a model checkpoint (see module doc)."""
-        from lct_jax.convert.checkpoint import CONFIG_NAME, config_to_dict  # noqa: PLC0415
+    def write_model_config(self, kind: str, cfg, **extra) -> None:
+        """``lct_config.json`` next to the step dirs, so each ``<step>`` is a model checkpoint (see module doc);
+        ``extra`` fields (``stage``, ``source_dtype``) are recorded too. Written atomically."""
+        from lct_jax.convert.checkpoint import CONFIG_NAME, config_to_dict, write_text_atomic  # noqa: PLC0415
 
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"kind": kind, "config": config_to_dict(cfg)}, indent=2) + "\n"
-            (self.directory / CONFIG_NAME).write_text(text)
+            text = json.dumps({"kind": kind, "config": config_to_dict(cfg), **extra}, indent=2) + "\n"
+            write_text_atomic(self.directory / CONFIG_NAME, text)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -78,18 +89,25 @@ class Checkpointer:
 
     def restore(self, spec: StateSpec, optim, data_iter: Any = None, step: int | None = None) -> TrainState:
         """Restore the state at ``step`` (default: latest) onto ``spec``'s mesh and shardings; ``data_iter`` (if
-        given) is moved in place to where it was when that step was saved."""
+        given) is moved in place to where it was when that step was saved (or, after a change of process count or
+        data sharding, to where ``elastic_state`` maps it). Without ``data_iter`` the data item is not read."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         a = spec.abstract
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardRestore(merge_params(a.params, a.frozen)),
             opt_state=ocp.args.StandardRestore(a.opt_state),
             train=ocp.args.StandardRestore({"step": a.step, "rng": a.rng, "nonfinite": a.nonfinite}),
-            data=_data_args(data_iter, restore=True),
         )
-        got = self.manager.restore(step, args=args)
+        inner = getattr(data_iter, "inner", data_iter)
+        data_dir = self.directory / str(step) / "data"
+        from_other_layout = _saved_by_other_layout(inner, data_dir)
+        if inner is not None and not from_other_layout:
+            items["data"] = _data_args(data_iter, restore=True)
+        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if from_other_layout:
+            restore_saved_state(inner, data_dir)
         params, frozen = split_trainable(got.params, optim)
         state = TrainState(
             step=got.train["step"],
@@ -99,7 +117,6 @@ class Checkpointer:
             rng=got.train["rng"],
             nonfinite=got.train["nonfinite"],
         )
-        inner = getattr(data_iter, "inner", data_iter)
         if inner is not None and not _is_grain(inner):
             inner.set_state(got.data)
         return state
@@ -112,10 +129,98 @@ class Checkpointer:
         self.manager.close()
 
 
+def _check_json_item(path: Path) -> str | None:
+    if not path.is_dir():
+        return f"{path.name}/ is missing"
+    if not (path / COMMIT_MARKER).exists():
+        return f"{path.name}/ has no {COMMIT_MARKER} (its save did not finish)"
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name != COMMIT_MARKER:
+            try:
+                json.loads(f.read_bytes())
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                return f"{path.name}/{f.name} is not valid JSON (truncated?)"
+    return None
+
+
+def check_step(step_dir: str | Path) -> str | None:
+    """What is wrong with the training step at ``step_dir``, or ``None`` if it can be restored: the step and every
+    item of :data:`ITEMS` committed, the array items' data files present and long enough
+    (:func:`lct_jax.convert.checkpoint.check_orbax_item`), the data-iterator state valid JSON. Reads no array data."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return "the step directory is empty"
+    if not (step_dir / COMMIT_MARKER).exists():
+        return f"no {COMMIT_MARKER} (its save did not finish)"
+    for item in ITEMS:
+        problem = _check_json_item(step_dir / item) if item == "data" else check_orbax_item(step_dir / item)
+        if problem:
+            return problem
+    return None
+
+
+def _move_aside(step_dir: Path, suffix: str) -> Path:
+    target, k = step_dir.with_name(f"{step_dir.name}.{suffix}"), 1
+    while target.exists():
+        k += 1
+        target = step_dir.with_name(f"{step_dir.name}.{suffix}-{k}")
+    step_dir.rename(target)
+    return target
+
+
+def choose_restore_step(directory: str | Path, resume_step: int = 0, *, move: bool = True) -> int | None:
+    """The step a run resumes from: ``resume_step`` when > 0 (it must exist and verify), else the newest step
+    that verifies (:func:`check_step`); ``None`` when there is no step at all. Steps skipped on the way are
+    reported and, with ``move`` (process 0 only), renamed aside; nothing is deleted. Raises
+    :class:`lct_jax.errors.CheckpointError` when steps exist but none (or not the one asked for) verifies."""
+    directory = Path(directory).absolute()
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True) \
+        if directory.is_dir() else []  # fmt: skip
+    fix = "choose another step with --config.resume_step=N, or another --workdir to start over"
+    if resume_step:
+        if resume_step not in steps:
+            raise CheckpointError(
+                f"--config.resume_step={resume_step}: {directory} holds steps {sorted(steps)}"
+            )
+        problem = check_step(directory / str(resume_step))
+        if problem:
+            raise CheckpointError(f"--config.resume_step={resume_step}: that step in {directory} cannot be restored: "
+                                  f"{problem}; {fix}")  # fmt: skip
+        for s in (s for s in steps if s > resume_step):
+            if move:
+                moved = _move_aside(directory / str(s), "superseded")
+                print(
+                    f"resuming from step {resume_step} as asked: moved the newer step {s} aside to {moved.name}"
+                )
+        return resume_step
+    skipped = []
+    for s in steps:
+        problem = check_step(directory / str(s))
+        if problem is None:
+            for bad, why in skipped:
+                where = f"; renamed it to {_move_aside(directory / str(bad), 'corrupt').name}" if move else ""
+                print(f"skipping checkpoint step {bad} in {directory}: {why}{where}")
+            return s
+        skipped.append((s, problem))
+    if skipped:
+        raise CheckpointError(
+            f"no checkpoint step in {directory} can be restored ("
+            + "; ".join(f"step {s}: {why}" for s, why in skipped)
+            + "); move them aside or use another --workdir to start over"
+        )
+    return None
+
+
 def _is_grain(it) -> bool:
     import grain  # noqa: PLC0415
 
     return isinstance(it, grain.DatasetIterator)
+
+
+def _saved_by_other_layout(inner, data_dir: Path) -> bool:
+    """A grain iterator whose state in ``data_dir`` was saved by another process count or data sharding (restored
+    by ``lct_jax.data.loader.restore_saved_state``); the same layout restores through grain's own handler."""
+    return inner is not None and _is_grain(inner) and not saved_state_matches(inner, data_dir)
 
 
 def _data_args(data_iter, restore: bool):
@@ -133,15 +238,15 @@ def _data_args(data_iter, restore: bool):
 
 def load_params_for_init(path: str | Path) -> dict:
     """Params (nested dict of numpy) for ``init_from``: a model checkpoint dir (``lct_config.json`` + ``params``,
-    e.g. from ``convert import-hf``), a training step dir, or a training workdir/checkpoint dir (its latest step)."""
+    e.g. from ``convert import-hf``), a training step dir, or a training workdir/checkpoint dir (its newest step
+    that verifies)."""
     from lct_jax.convert.checkpoint import PARAMS_ITEM, restore_params_numpy  # noqa: PLC0415
 
     path = Path(path).absolute()
     candidates = [path]
-    for base in (path, path / "checkpoints"):
-        if base.is_dir():
-            steps = sorted((int(p.name) for p in base.iterdir() if p.name.isdigit()), reverse=True)
-            candidates += [base / str(s) for s in steps[:1]]
+    for base in (path, path / "checkpoints"):  # the newest step that verifies, if any
+        step = choose_restore_step(base, move=False) if base.is_dir() else None
+        candidates += [base / str(step)] if step is not None else []
     for c in candidates:
         if (c / PARAMS_ITEM).is_dir():
             return restore_params_numpy(c / PARAMS_ITEM)

@@ -30,6 +30,11 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     return out
 
 
+# data fields of every stage (lct_jax.data.options.PipelineOptions): stop when more than max_skip_fraction of the
+# last skip_window records were skipped; skip records larger than max_record_bytes (bounds host memory)
+SKIP_FIELDS = dict(max_skip_fraction=0.5, skip_window=1000, max_record_bytes=64 << 20)
+
+
 def group(lr: float, schedule: str = "constant", warmup: float = 0.0, trainable: bool = True):
     return ml_collections.ConfigDict(dict(lr=lr, schedule=schedule, warmup=warmup, trainable=trainable))
 
@@ -83,6 +88,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.optim.total_steps = c.get_ref("num_steps")  # schedules span the run unless overridden
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.resume_step = 0  # 0 = resume from the newest checkpoint step that verifies; N = from step N
     c.log_every = 10
     c.max_nonfinite_in_row = 5
     c.progress = True
@@ -110,4 +116,5 @@ def multimodal_fields(
         shuffle=True,
         num_workers=0,
         strict=False,
+        **SKIP_FIELDS,
     )

@@ -1,7 +1,10 @@
 """The training loop: a plain, testable function around the jitted step.
 
 Per step: next host batch → global arrays → ``step_fn`` → metrics (console every ``log_every`` steps and
-TensorBoard event files) → checkpoint when due. Also:
+TensorBoard event files) → checkpoint when due. Besides the step's own metrics (``loss``, ``loss_tokens``, ...) the
+loop logs ``step_time_s``, ``nonpad_tokens_per_s`` (this process's non-padding tokens, ``segment_ids > 0``, per
+second: padding slots of short stage-2 samples do not count) and the data pipeline's ``skipped/<reason>`` counts.
+Also:
 
 - **progress**: a tqdm bar over the run's total steps with ETA (starts at the resumed step);
 - **preemption**: SIGTERM (what a TPU VM gets before it is reclaimed) makes the loop finish the current step, save
@@ -63,6 +66,13 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _real_tokens(batch: dict) -> int:
+    """Tokens of this process's batch that are not padding (``segment_ids > 0``; every slot without them)."""
+    if "segment_ids" in batch:
+        return int(np.count_nonzero(batch["segment_ids"]))
+    return int(np.prod(batch["inputs"].shape))
+
+
 def train_loop(
     state: TrainState,
     step_fn: Callable,
@@ -96,17 +106,17 @@ def train_loop(
                 status = "data_exhausted"
                 print_fn(f"data exhausted after step {step}; stopping")
                 break
-            tokens = int(np.prod(host_batch["inputs"].shape))
+            tokens = _real_tokens(host_batch)
             state, m = step_fn(state, put_batch(host_batch))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             step += 1
             dt = time.perf_counter() - t0
-            m.update(step_time_s=dt, tokens_per_s=tokens / dt)
+            m.update(step_time_s=dt, nonpad_tokens_per_s=tokens / dt)
             if counts_fn is not None:
                 m.update({k: float(v) for k, v in counts_fn().items() if k.startswith("skipped/")})
             history.append(m)
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.3g}")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['nonpad_tokens_per_s']:.3g}")
             if writer is not None:
                 writer.scalars(step, {k: v for k, v in m.items() if k != "finite"})
             if log_every and (step % log_every == 0 or step == num_steps or step == start + 1):

@@ -15,16 +15,23 @@ import numpy as np
 
 class EventWriter:
     """Scalars and images to ``logdir/events.out.tfevents.*``; every call is flushed to disk at once, so a killed
-    run keeps what it logged."""
+    run keeps what it logged.
 
-    def __init__(self, logdir: str | os.PathLike):
+    ``purge_step``: the first step this run logs. The new file opens with a ``SessionLog.START`` event at that step,
+    on which TensorBoard drops every event of earlier files at this step or later: after a kill -9 and a resume
+    from an older checkpoint, the replayed steps show once (as the resumed run logged them), not twice.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         # tensorboardX takes ~2 s to import (protobuf + its summary ops): only processes that write events pay it
         from tensorboardX import SummaryWriter  # noqa: PLC0415
 
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         # the pid keeps two launches in the same second (a kill -9, then the resume) from sharing a file name
-        self._w = SummaryWriter(str(self.logdir), flush_secs=1, filename_suffix=f".{os.getpid()}")
+        self._w = SummaryWriter(
+            str(self.logdir), flush_secs=1, filename_suffix=f".{os.getpid()}", purge_step=purge_step
+        )
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, v in values.items():

@@ -5,27 +5,39 @@
 Workdir layout::
 
     WORKDIR/config.json          the resolved config of the latest launch
+    WORKDIR/train.lock           pid + host of the trainer using the workdir (see lct_jax.train.workdir)
     WORKDIR/checkpoints/<step>/  Orbax checkpoints (each also a model checkpoint for convert / init_from)
     WORKDIR/tb/                  TensorBoard event files
+
+A run first checks that an existing workdir belongs to this stage and model (nothing is written before), then takes
+the lock, then resumes from the newest checkpoint step that verifies (or ``--config.resume_step=N``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import glob
+import json
 import logging
 import os
 from pathlib import Path
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
+from lct_jax.convert.checkpoint import CONFIG_NAME, write_text_atomic
 from lct_jax.data.loader import global_batch
+from lct_jax.data.tokenizer import load_tokenizer
+from lct_jax.errors import CheckpointError, ConfigError, DiskFullError, is_disk_full
 from lct_jax.sharding import make_mesh
-from lct_jax.train.checkpoint import Checkpointer, load_params_for_init
+from lct_jax.train.checkpoint import Checkpointer, choose_restore_step, load_params_for_init
 from lct_jax.train.loop import LoopResult, train_loop
 from lct_jax.train.metrics import EventWriter
 from lct_jax.train.state import init_state, make_state_spec
 from lct_jax.train.step import StepConfig, jit_train_step
+from lct_jax.train.workdir import WorkdirLock, check_ownership
 
 log = logging.getLogger("lct_jax.train")
 
@@ -41,6 +53,35 @@ def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg or None)
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field of a config as a dotted path (``data.field``, ``optim.groups.lm.lr``, ...)."""
+    out = []
+    for k, v in config.items():
+        out.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            out += config_fields(v, f"{prefix}{k}.")
+    return out
+
+
+def flag_error_message(argv: list[str], err: Exception) -> str:
+    """One line for a command line that did not parse. For a ``--config.<field>`` the stage config does not have:
+    the closest fields it has (a "did you mean" over all its dotted field names)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    names = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if spec and names:
+        try:
+            fields = config_fields(load_config(spec))
+        except Exception:  # noqa: BLE001 - the config itself does not load: report the original error
+            fields = None
+        for name in names if fields else ():
+            if name not in fields:
+                close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+                hint = "; did you mean " + " or ".join(f"--config.{c}" for c in close) + "?" if close else ""
+                return f"--config.{name}: {spec.split(':')[0]} has no field {name!r}{hint}"
+    text = str(err).strip().strip("'\"")
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -110,7 +151,23 @@ def pipeline_options(config, mesh):
         seed=config.seed,
         num_workers=config.data.num_workers,
         strict=config.data.strict,
+        max_skip_fraction=config.data.max_skip_fraction,
+        skip_window=config.data.skip_window,
+        max_record_bytes=config.data.max_record_bytes,
     )
+
+
+def check_vocab(config, model_cfg) -> None:
+    """Token ids at or above the model's vocabulary would index past its embedding (silently clamped on device,
+    then non-finite losses): refuse a tokenizer larger than the model."""
+    lm = getattr(model_cfg, "text", model_cfg)
+    n = load_tokenizer(config.data.tokenizer).vocab_size
+    if n > lm.vocab_size:
+        raise ConfigError(
+            f"config.data.tokenizer={config.data.tokenizer!r} has {n} token ids but the model "
+            f"(config.model.preset={config.model.preset!r}) embeds only {lm.vocab_size}; choose a matching "
+            "tokenizer or model"
+        )
 
 
 def build_data(config, mesh, model_cfg=None):
@@ -118,6 +175,7 @@ def build_data(config, mesh, model_cfg=None):
     from lct_jax.data import loader  # noqa: PLC0415
 
     d = config.data
+    check_vocab(config, model_cfg)
     if config.stage == "text_extension":
         from lct_jax.data.text import TextDataConfig  # noqa: PLC0415
 
@@ -164,40 +222,71 @@ def build_data(config, mesh, model_cfg=None):
 
 
 def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> LoopResult:
-    """Train ``config`` in ``workdir``; resumes from ``workdir/checkpoints`` when it has a checkpoint."""
+    """Train ``config`` in ``workdir``; resumes from the newest checkpoint there that verifies.
+
+    Raises :class:`lct_jax.errors.WorkdirError` (before writing anything) when the workdir belongs to another
+    stage or model or another trainer holds it, :class:`~lct_jax.errors.CheckpointError` when no checkpoint there
+    can be restored, :class:`~lct_jax.errors.DiskFullError` when the disk fills up.
+    """
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or make_mesh(config.mesh.data, config.mesh.seq, config.mesh.model)
     kind, model_cfg, make_model = build_model(config)
+    check_ownership(workdir, config.stage, kind, model_cfg)  # reads only
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run(config, workdir, mesh, kind, model_cfg, make_model, data_iter)
+    except Exception as e:
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise DiskFullError(workdir) from e  # Orbax/tensorstore report it inside their own errors
+        raise
+
+
+def _run(config, workdir: Path, mesh, kind, model_cfg, make_model, data_iter) -> LoopResult:
+    primary = jax.process_index() == 0
     optim = config.optim
     spec = make_state_spec(make_model, optim, mesh)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if primary:
+        write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     data_iter = data_iter if data_iter is not None else build_data(config, mesh, model_cfg)
+    ckpt_dir = workdir / "checkpoints"
+    # process 0 verifies and renames bad steps aside first; then the others verify what is left (the same files)
+    resume = choose_restore_step(ckpt_dir, config.resume_step) if primary else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lct_jax: checkpoint steps verified")
+        resume = resume if primary else choose_restore_step(ckpt_dir, config.resume_step, move=False)
     ckpt = Checkpointer(
-        workdir / "checkpoints",
+        ckpt_dir,
         every=config.checkpoint.every,
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
-    ckpt.write_model_config(kind, model_cfg)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(spec, optim, data_iter)
-        print(f"resumed from {ckpt.directory}/{latest} (step {int(state.step)})")
-    elif config.init_from or config.get("init_vision_from"):
-        params = init_params(config, kind, model_cfg)
-        state = init_state(spec, make_model, optim, seed=config.seed, params=params)
-    else:
-        state = init_state(spec, make_model, optim, seed=config.seed)
-        print(f"initialized from random weights (seed {config.seed})")
-    first = next(data_iter)
-    step_cfg = StepConfig.from_config(config.step)
-    step_fn = jit_train_step(spec, optim, step_cfg, first)
-    writer = EventWriter(workdir / "tb") if jax.process_index() == 0 else None
+    writer = None
     try:
+        ckpt.write_model_config(kind, model_cfg, stage=config.stage, **_source_dtype(config, ckpt_dir))
+        if resume is not None:
+            try:
+                state = ckpt.restore(spec, optim, data_iter, step=resume)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise CheckpointError(
+                    f"checkpoint step {resume} in {ckpt.directory} could not be restored ({type(e).__name__}: "
+                    f"{first}); choose another step with --config.resume_step=N"
+                ) from e
+            print(f"resumed from {ckpt.directory}/{resume} (step {int(state.step)})")
+        first = next(data_iter)  # before initializing: data that yields nothing fails in seconds
+        if resume is None:
+            given = config.init_from or config.get("init_vision_from")
+            params = init_params(config, kind, model_cfg) if given else None
+            state = init_state(spec, make_model, optim, seed=config.seed, params=params)
+            if not given:
+                print(f"initialized from random weights (seed {config.seed})")
+        step_cfg = StepConfig.from_config(config.step)
+        step_fn = jit_train_step(spec, optim, step_cfg, first)
+        # steps after the start were logged by a run that died before saving them: TensorBoard drops them
+        writer = EventWriter(workdir / "tb", purge_step=int(state.step) + 1) if primary else None
         with jax.set_mesh(mesh):
-            result = train_loop(
+            return train_loop(
                 state,
                 step_fn,
                 _prepend(first, data_iter),
@@ -213,7 +302,22 @@ def run(config, workdir: str | os.PathLike, *, mesh=None, data_iter=None) -> Loo
         ckpt.close()
         if writer is not None:
             writer.close()
-    return result
+
+
+def _source_dtype(config, ckpt_dir: Path) -> dict:
+    """``{"source_dtype": ...}``: the dtype the weights came in with (recorded by ``convert import-hf``), kept in
+    this workdir's ``lct_config.json`` so that ``export-hf`` writes it by default; ``{}`` when nothing recorded it."""
+    candidates = [ckpt_dir / CONFIG_NAME]
+    if config.init_from:
+        p = Path(config.init_from)
+        candidates += [p / CONFIG_NAME, p / "checkpoints" / CONFIG_NAME, p.parent / CONFIG_NAME]
+    for c in candidates:
+        if c.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                dtype = json.loads(c.read_text()).get("source_dtype")
+                if dtype:
+                    return {"source_dtype": dtype}
+    return {}
 
 
 class _prepend:

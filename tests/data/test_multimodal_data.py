@@ -189,8 +189,11 @@ def test_every_bad_input_is_skipped_counted_and_the_run_goes_on(root, caplog):
         "skipped/bad_conversation": 1,
     }
     assert c["rows"] == 2 and c["batches"] == 2
-    assert sum("skipping record" in r.message for r in caplog.records) == 7
-    assert any("broken.jpg" in r.message for r in caplog.records)  # the warning names the file
+    skips = [r.message for r in caplog.records if r.message.startswith("skipping ")]
+    assert len(skips) == 7
+    # each warning names its source record (the annotation file and the record's index in it)
+    assert [m.split()[1] for m in skips] == [f"{root / 'data.json'}[{k}]" for k in range(1, 8)]
+    assert any("broken.jpg" in m for m in skips)  # and the image file
 
 
 def test_strict_mode_raises(root):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lct_jax.data.loader import PipelineOptions, global_batch, text_dataset, zigzag_batch
-from lct_jax.data.text import JsonlSource, PackTextIterDataset, TextDataConfig, TokenizeDocument
+from lct_jax.data.skips import RecordReader
+from lct_jax.data.text import TEXT_SKIPS, JsonlSource, PackTextIterDataset, TextDataConfig, TokenizeDocument
 from lct_jax.data.tokenizer import ByteTokenizer
 from lct_jax.sharding import make_mesh
 
@@ -16,9 +17,15 @@ TOK = ByteTokenizer()
 
 
 def _rows(docs, seq_len, per_document=False, drop_remainder=False):
-    ds = grain.MapDataset.source(docs).map_with_index(TokenizeDocument(TOK, record_format="text"))
-    return list(PackTextIterDataset(ds.to_iter_dataset(), seq_len, TOK.bos_id, TOK.pad_id, per_document,
+    read = RecordReader(docs, TokenizeDocument(TOK, record_format="text"), TEXT_SKIPS, 1 << 20)
+    ds = grain.MapDataset.range(len(docs)).map(read)
+    rows = list(PackTextIterDataset(ds.to_iter_dataset(), seq_len, TOK.bos_id, TOK.pad_id, per_document,
                                     drop_remainder))  # fmt: skip
+    # an empty row carries the skips after the last row; fold them into it, as the loader does
+    if len(rows) > 1 and not rows[-1]["segment_ids"].any():
+        tail = rows.pop()
+        rows[-1]["_skips"] = rows[-1]["_skips"] + tail["_skips"]
+    return rows
 
 
 def _show(ids):

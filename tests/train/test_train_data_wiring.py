@@ -8,10 +8,11 @@ import pytest
 
 from lct_jax.data import loader
 from lct_jax.sharding import make_mesh
+from lct_jax.train.config_base import SKIP_FIELDS
 from lct_jax.train.run import pipeline_options
 
 CONFIG = ml_collections.ConfigDict(
-    dict(seed=0, data=dict(batch_size=8, shuffle=False, num_workers=0, strict=False))
+    dict(seed=0, data=dict(batch_size=8, shuffle=False, num_workers=0, strict=False, **SKIP_FIELDS))
 )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lct_jax.testing.events import event_files, read_scalars
+from lct_jax.testing.events import event_files, read_scalars, scalar_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,6 +88,10 @@ def test_kill9_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
     diff = max(abs(after[s] - ref[s]) for s in after)
     print(f"killed at step {killed_at}, resumed from {resumed_from}, max |loss - uninterrupted| = {diff:.2e}")
     assert diff <= 1e-6
+    # TensorBoard over all the event files: every step once; the replayed ones as the resumed run logged them
+    assert scalar_steps(run_dir / "tb", "loss") == list(range(1, steps + 1))  # the replayed ones once
+    shown = read_scalars(run_dir / "tb")["loss"]
+    assert all(shown[s] == after[s] for s in after)
 
 
 @pytest.mark.slow
@@ -115,3 +119,4 @@ def test_sigterm_exits_cleanly_with_checkpoint_at_current_step(tmp_path):
     saved = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     print(f"SIGTERM after step {last_logged}: checkpoint at step {saved}")
     assert saved == last_logged and f"saved a checkpoint at step {saved}" in out
+    assert not (run_dir / "train.lock").exists()  # released
