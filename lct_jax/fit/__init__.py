@@ -15,10 +15,13 @@ A *program* (:data:`PROGRAMS`) turns ``(config, mesh)`` into ``(jitted function,
 - ``'embed_loss'``: the same step with the decoder stack skipped (embedding or visual splice → final norm → chunked
   loss → AdamW over the same state): what the embedding and loss phases of ``'train'`` cost on their own.
 
-A forward-only program (e.g. an evaluation's scoring forward) plugs in as one more :class:`Program`.
+- ``'vniah'``: the V-NIAH scoring forward of the stage's language model (bf16 params, one sequence, data = 1).
 
-:func:`search` finds, per candidate mesh, the longest row that fits (rows per micro-batch: one per ``data`` shard)
-by a secant/bisection over multiples of :func:`length_granularity`, using the memory the failed compiles report.
+:func:`search_mesh` finds, per candidate mesh, the longest row that fits (rows per micro-batch: one per ``data``
+shard) by a secant/bisection over multiples of :func:`length_granularity`. Its probes are *estimates*
+(``compile_probe(estimate=True)``): the program compiled beside a ballast of one HBM per chip fails at the memory
+check, before the back end, and reports its total; a full compile of a fitting LongVA-7B step takes minutes on 2
+cores, an estimate seconds. :func:`confirm` then compiles the answer in full.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from lct_jax.data.loader import batch_shardings, padded_length  # noqa: E402
+from lct_jax.eval import scoring  # noqa: E402
 from lct_jax.kernels import DEFAULT_BLOCKS  # noqa: E402
 from lct_jax.sharding import make_mesh  # noqa: E402
 from lct_jax.train.run import build_model  # noqa: E402
@@ -54,7 +59,7 @@ GIB = 2**30
 HBM_GIB = {"v4": 30.75, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25, "tpu7x": 94.75}
 _CHIP_CONFIG = {"v4": "megacore", "v5p": "megacore"}  # the others: "default"
 TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:16x16, v4:2x2x1, v5p:4x8x8, v6e:2x2, tpu7x:2x2x1"
-MAX_PROBES = 14  # per mesh in a search; each failed compile takes seconds, each fit a minute or more
+MAX_PROBES = 14  # per mesh in a search (estimates: seconds each; a full 7B compile that fits takes minutes)
 RESOLUTION = 64  # a search stops when the longest fit and the shortest failure are within 1/64 (or one step)
 
 
@@ -240,15 +245,34 @@ def embed_loss_program(config, mesh):
     return _train_like(config, mesh, forward=embed_loss_forward)
 
 
+VNIAH_ANSWER_TOKENS = 16  # scored positions of the V-NIAH forward (the longest needle answer, padded)
+
+
+def vniah_program(config, mesh):
+    """The V-NIAH / text-NIAH scoring forward (:func:`lct_jax.eval.scoring.build_score_forward`) of the stage's
+    language model with bf16 params, as evaluation loads it, on one sequence of the config's row length (e.g.
+    ``--config.data.max_len=432000`` for 3000 frames of 144 tokens)."""
+    _, model_cfg, _ = build_model(config)
+    lm = getattr(model_cfg, "text", model_cfg).replace(param_dtype="bfloat16")
+    block = max(DEFAULT_BLOCKS[lm.ring_kernel])
+    length = scoring.padded_length(get_length(config), mesh.shape["seq"], block=block)
+    fwd = scoring.build_score_forward(
+        lm, mesh, length, VNIAH_ANSWER_TOKENS, visual=config.stage != "text_extension"
+    )
+    return fwd.fn, fwd.abstract_inputs()
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     build: Callable[[Any, Any], tuple[Any, tuple]]  # (config, mesh) -> (jitted fn, abstract args)
     about: str
+    donated: tuple[int, ...] = (0,)  # arguments the jitted fn donates (the train state)
 
 
 PROGRAMS: dict[str, Program] = {
     "train": Program(train_program, "the stage's train step (fwd + bwd + AdamW)"),
     "embed_loss": Program(embed_loss_program, "the train step without the decoder stack"),
+    "vniah": Program(vniah_program, "the V-NIAH scoring forward (bf16 params, one sequence)", donated=()),
 }
 
 
@@ -269,6 +293,7 @@ class Probe:
     kernel: bool  # a Pallas (Mosaic) kernel lowered: 'tpu_custom_call' in the compiled program
     seconds: float
     error: str = ""
+    estimated: bool = False  # from a ballast compile (compile_probe(estimate=True)), not a full compile
 
     @property
     def tokens_per_chip(self) -> float:
@@ -301,28 +326,71 @@ def _argument_bytes(args) -> int:
     )
 
 
+def estimate_valid(config) -> bool:
+    """Whether ballast estimates hold for ``config``: with the saved layer inputs offloaded to host memory the
+    compiler's early memory check misses device buffers the back end adds (7B stage 0 at 16M on v5e:16x16: 4.75
+    GiB estimated, 12.63 GiB compiled), without offload they agree within 1% (9.84 vs 9.76 GiB at 8M, 14.08 vs
+    14.00 at 12M)."""
+    return config.model.remat != "offload"
+
+
+def _oom(e: Exception) -> str:
+    """The compiler's out-of-memory message, or '' when ``e`` is another failure."""
+    msg = " ".join(str(e).split())
+    i = msg.find("RESOURCE_EXHAUSTED")
+    return msg[i:] if i >= 0 else ""
+
+
 def compile_probe(
-    config, topo: Topology, mesh_sizes: tuple[int, int, int], program: str = "train", rows: int | None = None
+    config,
+    topo: Topology,
+    mesh_sizes: tuple[int, int, int],
+    program: str = "train",
+    rows: int | None = None,
+    *,
+    estimate: bool = False,
 ) -> Probe:
-    """Compile ``program`` for ``config`` on ``mesh_sizes`` of ``topo``; returns what the compiler planned."""
+    """Compile ``program`` for ``config`` on ``mesh_sizes`` of ``topo``; returns what the compiler planned.
+
+    ``estimate``: compile it next to a ballast argument of one HBM per chip, so the compile always fails at the
+    memory check, which comes before the slow back end (seconds instead of minutes for LongVA-7B): the peak is
+    what the failure reports less the ballast. Measured on the 7B step at 8M tokens on v5e:16x16 this reads
+    9.84 GiB against the full compile's 9.76 (it errs high); the kernel is not lowered, so ``kernel`` is False.
+    """
     rows = config.data.batch_size if rows is None else rows
     length = check_layout(config, mesh_sizes, rows)
+    if estimate and not estimate_valid(config):
+        raise ValueError(
+            "estimates (--estimate, the ballast compile) miss the device buffers of remat='offload': the 7B step "
+            "at 16M reads 4.75 GiB estimated, 12.63 GiB fully compiled; drop --estimate"
+        )
     config = with_overrides(config, rows=rows, mesh=mesh_sizes)
     mesh = make_mesh(*mesh_sizes, devices=topo.devices)
     t0 = time.perf_counter()
     fn, args = PROGRAMS[program].build(config, mesh)  # outside the mesh context, as training builds it
     arg_bytes = _argument_bytes(args)
+    ballast = topo.hbm_bytes if estimate else 0
+    if estimate:  # the program's donations carry over, one argument to the right
+        ballast_arg = jax.ShapeDtypeStruct(
+            (ballast,), jnp.uint8, sharding=NamedSharding(mesh, PartitionSpec())
+        )
+        inner, donated = fn, tuple(i + 1 for i in PROGRAMS[program].donated)
+        fn = jax.jit(lambda b, *a: (inner(*a), b[:1]), donate_argnums=donated)
+        args = (ballast_arg, *args)
     with jax.set_mesh(mesh):
         try:
             compiled = fn.trace(*args).lower().compile()
         except Exception as e:  # noqa: BLE001 - only an out-of-memory compile is an answer; re-raise the rest
-            msg = " ".join(str(e).split())
-            if "RESOURCE_EXHAUSTED" not in msg:
+            msg = _oom(e)
+            if not msg:
                 raise
-            i = msg.find("RESOURCE_EXHAUSTED")
-            needed = _required_bytes(msg)
-            return Probe(mesh_sizes, length, rows, False, needed + arg_bytes if needed else 0, arg_bytes, 0,
-                         False, time.perf_counter() - t0, msg[i : i + 240])  # fmt: skip
+            # the reported total counts the arguments (the ballast included)
+            needed = max(_required_bytes(msg) - ballast, 0)
+            fits = estimate and 0 < needed <= topo.hbm_bytes
+            return Probe(mesh_sizes, length, rows, fits, needed, arg_bytes, 0, False, time.perf_counter() - t0,
+                         "" if fits else msg[:240], estimated=estimate)  # fmt: skip
+    if estimate:
+        raise RuntimeError(f"a program with a ballast of {ballast} bytes per chip compiled: cannot estimate")
     ma = compiled.memory_analysis()
     return Probe(
         mesh_sizes,
@@ -400,17 +468,20 @@ def search_mesh(
     program: str = "train",
     on_probe: Callable[[Probe], None] | None = None,
     probe: Callable[[int], Probe] | None = None,
+    estimate: bool | None = None,
 ) -> MeshResult:
     """The longest row (a multiple of :func:`length_granularity`) that fits on ``mesh_sizes``, one row per data
     shard per micro-batch; at most :data:`MAX_PROBES` compiles. ``probe(length)`` defaults to
-    :func:`compile_probe` of ``program``."""
+    :func:`compile_probe` of ``program`` (``estimate``: ballast compiles, seconds each; :func:`confirm` then
+    checks the answer with a full compile; default: where :func:`estimate_valid`)."""
     data, seq, _ = mesh_sizes
+    estimate = estimate_valid(config) if estimate is None else estimate
     g = length_granularity(config, seq)
     res = MeshResult(mesh_sizes, g)
     rows = data * config.step.micro_batches
     if probe is None:
         probe = lambda n: compile_probe(
-            with_overrides(config, length=n), topo, mesh_sizes, program, rows=rows
+            with_overrides(config, length=n), topo, mesh_sizes, program, rows=rows, estimate=estimate
         )  # noqa: E731
     length = max(g, start // g * g)
     for _ in range(MAX_PROBES):
@@ -432,6 +503,24 @@ def search_mesh(
         length = nxt
     res.stopped = f"stopped after {MAX_PROBES} compiles without bracketing the ceiling"
     return res
+
+
+def confirm(config, topo: Topology, res: MeshResult, program: str = "train", max_steps: int = 3) -> Probe:
+    """A full compile at the ceiling an estimated search found (the kernel lowered, the compiler's own peak); one
+    step shorter while it does not fit, at most ``max_steps`` compiles. Updates ``res.best``/``res.first_fail``."""
+    length = res.ceiling
+    for _ in range(max_steps):
+        p = compile_probe(with_overrides(config, length=length), topo, res.mesh, program, rows=res.best.rows)
+        res.probes.append(p)
+        if p.fits:
+            res.best = p
+            return p
+        res.first_fail = p
+        length -= res.granularity
+        if length < res.granularity:
+            break
+    res.best = None
+    return p
 
 
 def saved_layer_input_bytes(config, probe: Probe) -> int:

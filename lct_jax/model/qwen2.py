@@ -45,6 +45,8 @@ from lct_jax.sharding import constrain, mesh_axis_size
 
 RESIDUAL = ("act_batch", "act_seq", "act_resid")  # the residual stream between layers
 GATHERED = ("act_batch", "act_seq", "act_embed")  # where a layer computes: D whole
+Q_NAMES = ("act_batch", "act_seq", "act_heads", None)  # q [B, T, N, H]
+KV_NAMES = ("act_batch", "act_seq", "act_kv_heads", None)  # k, v [B, T, K, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +171,7 @@ class Attention(nnx.Module):
         q = rope(self.q(x), positions, cfg.rope_theta)  # [B, T, N, H]
         k = rope(self.k(x), positions, cfg.rope_theta)  # [B, T, K, H]
         v = self.v(x)  # [B, T, K, H]
-        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
-        v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         return q, k, v
 
     def __call__(self, x, positions, segment_ids):
@@ -209,8 +209,15 @@ class MLP(nnx.Module):
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
         return self.down(h)
 
-    def __call__(self, x):  # [B, T, D] → [B, T, D]
-        return token_chunks(self.ffn, x, self.chunk, GATHERED)
+    def __call__(self, x, norm=None):  # [B, T, D] residual layout → [B, T, D] residual layout
+        """``ffn(norm(x))`` chunk by chunk: the (optional) pre-MLP norm runs inside each chunk, so neither the
+        normed activations nor the [T, F] intermediates ever exist for the whole shard."""
+
+        def one(y):
+            y = constrain(y if norm is None else norm(y), GATHERED)
+            return constrain(self.ffn(y), RESIDUAL)
+
+        return token_chunks(one, x, self.chunk, RESIDUAL)
 
 
 class DecoderLayer(nnx.Module):
@@ -228,15 +235,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, segment_ids):  # x: residual [B, T, D], D split over model
         x = constrain(x, RESIDUAL)
-        # norm + q/k/v projection and norm + MLP are rematerialized from the residual stream on their own, so the
-        # gathered normed activations [T, D] are not held while the attention and the MLP run their backward
+        # norm + q/k/v projection is rematerialized from the residual stream on its own, so the gathered normed
+        # activations [T, D] are not held while the attention runs its backward. The MLP takes its norm into its
+        # rematerialized chunks instead (no checkpoint around it: that kept another [T, D] alive)
         qkv = jax.checkpoint(lambda x: self.attn.project(constrain(self.input_norm(x), GATHERED), positions))(
             x
         )
         x = x + constrain(self.attn.attend(*qkv, positions, segment_ids), RESIDUAL)
-        x = x + constrain(
-            jax.checkpoint(lambda x: self.mlp(constrain(self.post_attn_norm(x), GATHERED)))(x), RESIDUAL
-        )
+        x = x + self.mlp(x, norm=self.post_attn_norm)
         return constrain(x, RESIDUAL)
 
 
