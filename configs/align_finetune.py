@@ -33,6 +33,11 @@ def get_config(arg: str | None = None):
     )
     c.num_steps = 6090
     c.checkpoint.every = 500
+    if size == "7b":
+        # 32 rows per micro-batch (1568 UniRes tiles through the tower at once): the fit check on v5e:16x16, mesh
+        # (1, 256, 1), plans 6.09 GiB per chip (estimate) vs 15.47 GiB with all 128 rows in one micro-batch;
+        # one row of 49 tiles + 32K tokens: 1.14 GiB; a 2000-frame video row (288K visual tokens): 5.34 GiB
+        c.step.micro_batches = 4
     if size == "tiny":
         c.data.max_len = 128
         c.data.max_tiles = 4

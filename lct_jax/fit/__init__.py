@@ -355,7 +355,8 @@ def compile_probe(
     ``estimate``: compile it next to a ballast argument of one HBM per chip, so the compile always fails at the
     memory check, which comes before the slow back end (seconds instead of minutes for LongVA-7B): the peak is
     what the failure reports less the ballast. Measured on the 7B step at 8M tokens on v5e:16x16 this reads
-    9.84 GiB against the full compile's 9.76 (it errs high); the kernel is not lowered, so ``kernel`` is False.
+    9.84 GiB against the full compile's 9.76 (it errs high; the message prints 0.01 GiB steps, so a small program
+    reads 0 to 10 MiB); the kernel is not lowered, so ``kernel`` is False.
     """
     rows = config.data.batch_size if rows is None else rows
     length = check_layout(config, mesh_sizes, rows)
@@ -384,9 +385,14 @@ def compile_probe(
             msg = _oom(e)
             if not msg:
                 raise
-            # the reported total counts the arguments (the ballast included)
-            needed = max(_required_bytes(msg) - ballast, 0)
-            fits = estimate and 0 < needed <= topo.hbm_bytes
+            # the reported total counts the arguments (the ballast included), printed to 0.01 GiB
+            reported = _required_bytes(msg)
+            if estimate and not reported:
+                raise RuntimeError(
+                    f"cannot read the memory a ballast compile needed from: {msg[:300]}"
+                ) from e
+            needed = max(reported - ballast, 0)
+            fits = estimate and needed <= topo.hbm_bytes
             return Probe(mesh_sizes, length, rows, fits, needed, arg_bytes, 0, False, time.perf_counter() - t0,
                          "" if fits else msg[:240], estimated=estimate)  # fmt: skip
     if estimate:
@@ -529,7 +535,8 @@ def saved_layer_input_bytes(config, probe: Probe) -> int:
         return 0
     _, model_cfg, _ = build_model(config)
     lm = getattr(model_cfg, "text", model_cfg)
-    return int(lm.num_layers * lm.hidden_size * jnp.dtype(lm.dtype).itemsize * probe.tokens_per_chip)
+    per_micro_batch = probe.tokens_per_chip / config.step.micro_batches  # one micro-batch's inputs at a time
+    return int(lm.num_layers * lm.hidden_size * jnp.dtype(lm.dtype).itemsize * per_micro_batch)
 
 
 def fit_line(probes: Sequence[Probe]) -> tuple[float, float]:

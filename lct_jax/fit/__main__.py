@@ -87,7 +87,7 @@ def _phase_line(config, topo, p) -> str:
         p.mesh,
         "embed_loss",
         rows=p.rows,
-        estimate=True,
+        estimate=p.peak >= GIB,  # an estimate reads 0.01 GiB steps: small programs compile in full (fast)
     )  # the phase has no decoder stack (nothing to offload): an estimate holds
     if not q.fits:
         return f"    loss/embedding phase: the phase alone does not fit ({_gib(q.peak)})"
@@ -95,7 +95,8 @@ def _phase_line(config, topo, p) -> str:
     phase = q.peak + saved
     verdict = "not the peak" if phase < p.peak else "THE PEAK"
     return (
-        f"    loss/embedding phase: {_gib(q.peak)} alone (estimate) + {_gib(saved)} saved layer inputs = "
+        f"    loss/embedding phase: {_gib(q.peak)} alone{' (estimate)' * q.estimated} + {_gib(saved)} saved layer "
+        f"inputs = "
         f"{_gib(phase)} vs step peak {_gib(p.peak)}: {verdict} (compile {q.seconds:.0f} s)"
     )
 
