@@ -50,8 +50,9 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     # where the weights come from: '' = random init; else a model checkpoint dir (python -m lct_jax.convert
     # import-hf ...), a training step dir, or a previous stage's workdir (its latest checkpoint)
     c.init_from = ""
-    # one size may be -1 (= the rest). 7B: every chip on the ring ('seq'), the mesh `python -m lct_jax.fit --search`
-    # recommends on v5e-256 for every stage (see the stage files for the ceilings it was checked at)
+    # one size may be -1 (= the rest). 7B: every chip on the ring ('seq'); the text stage splits the model axis
+    # in two, the mesh `python -m lct_jax.fit --search` recommends for it on v5e-256 (see the stage files for the
+    # ceilings they were checked at)
     c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=1))
     c.model = ml_collections.ConfigDict(
         dict(
