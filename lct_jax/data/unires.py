@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lct_jax.clip_constants import CLIP_MEAN, CLIP_STD
+from lct_jax.errors import UserError
 
 TILE = 336
 TOKENS_PER_TILE = 144  # (336 / 14 / 2)²
@@ -45,7 +46,7 @@ CANVAS_GRID: tuple[tuple[int, int], ...] = tuple(
 assert len(CANVAS_GRID) == 200
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image that cannot be turned into RGB pixels; the message names the file."""
 
 

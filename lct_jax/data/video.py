@@ -44,6 +44,7 @@ from PIL import Image
 
 from lct_jax.data.procedural import DEFAULT_SIZE, procedural_frame
 from lct_jax.data.unires import BadImageError, load_image, sample_frame_indices
+from lct_jax.errors import UserError
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 PROCEDURAL = "procedural:"
@@ -59,7 +60,7 @@ WRITE_CODECS = {
 TRUNCATION_SLACK = 0.01
 
 
-class BadVideoError(ValueError):
+class BadVideoError(UserError, ValueError):
     """A video that cannot be read as frames; the message names it and says what to do."""
 
 

@@ -1,7 +1,8 @@
 """Evaluation CLI: ``python -m lct_jax.eval COMMAND ...``; ``python -m lct_jax.eval COMMAND --help`` for its flags.
 
 Each command is a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in :data:`COMMANDS`;
-user mistakes end in one ``error: ...`` line and exit status 2 (see :mod:`lct_jax.eval.cli`).
+user mistakes end in one ``error: ...`` line and exit status 2, as in every lct_jax command
+(:func:`lct_jax.cli.report_errors`; ``--debug`` or ``LCT_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from lct_jax.eval.cli import USER_ERRORS
+from lct_jax.cli import report_errors
 
 # command -> (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
@@ -58,12 +59,12 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of every failure (LCT_DEBUG=1)"
+    )
     args = parser.parse_args(argv[1:])
     try:
-        return module.run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_errors(lambda: module.run(args), argv)
     except KeyboardInterrupt:
         print(f"interrupted: rerun the same `{cmd}` command to continue where it stopped", file=sys.stderr)
         return 130

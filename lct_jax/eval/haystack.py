@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lct_jax.convert.checkpoint import load_model, read_model_config
 from lct_jax.data.video import BadVideoError, probe
-from lct_jax.eval.cli import EvalError, add_distributed_flag, start_distributed
+from lct_jax.eval.cli import EvalError, add_distributed_arguments, start_distributed
 from lct_jax.eval.encode import FrameEncoder, letterbox
 from lct_jax.eval.store import EmbeddingStore
 from lct_jax.sharding import make_mesh
@@ -139,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, help="frames per encoder call (divides by the devices)"
     )
     p.add_argument("--chunk-frames", type=int, default=16, help="frames per store chunk (fixed for a store)")
-    add_distributed_flag(p)
+    add_distributed_arguments(p)
 
 
 def run(args) -> int:
@@ -147,7 +147,7 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise EvalError(f"--{name.replace('_', '-')} {value} must be > 0")
-    start_distributed(args.distributed)
+    start_distributed(args)
     if jax.process_index() != 0:  # see the module docstring: process 0 does the work
         print(f"process {jax.process_index()}: process 0 builds {args.out}; waiting for it")
         multihost_utils.sync_global_devices("lct_jax.eval.haystack")

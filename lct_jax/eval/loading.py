@@ -28,7 +28,7 @@ from lct_jax.convert.checkpoint import (
     tokenizer_files_near,
 )
 from lct_jax.data.tokenizer import load_tokenizer
-from lct_jax.eval.cli import EvalError, add_distributed_flag
+from lct_jax.eval.cli import EvalError, add_distributed_arguments
 from lct_jax.kernels import KERNELS
 from lct_jax.sharding import make_mesh, state_shardings
 
@@ -167,7 +167,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="ring attention block kernel (default: the checkpoint's; pallas_tpu on TPU)")  # fmt: skip
     p.add_argument("--bucket", type=int, default=1, help="pad sequences to a multiple of this many tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_distributed_flag(p)
+    add_distributed_arguments(p)
 
 
 def mesh_from_args(args) -> Mesh:

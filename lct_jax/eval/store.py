@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from lct_jax.errors import UserError
+
 FORMAT = "lct_jax.embeddings/1"
 META, PROGRESS, ARRAY = "meta.json", "progress.json", "embeddings"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store that does not exist, is incomplete, or does not match what the caller asked for."""
 
 

@@ -270,7 +270,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     ckpt = resolve_checkpoint(args.ckpt)  # the user's mistakes end before JAX starts its backends
     lengths, depths = parse_grid(args.lengths, int), parse_grid(args.depths)
-    start_distributed(args.distributed)
+    start_distributed(args)
     results = run_text_niah(
         ckpt,
         args.out,

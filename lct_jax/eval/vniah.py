@@ -287,7 +287,7 @@ def run(args) -> int:
         load_needles(args.needles),
     )
     frames, depths = parse_grid(args.frames, int), parse_grid(args.depths)
-    start_distributed(args.distributed)
+    start_distributed(args)
     results = run_vniah(
         ckpt,
         store,

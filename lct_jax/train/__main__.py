@@ -14,40 +14,22 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lct_jax.cli import debug_requested, one_line, report_errors, skip_absent_tpu
+from lct_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file: configs/<stage>.py:size=...")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and config.json go here")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "yes", "no"],
-    "connect the processes of a multi-host run (lct_jax/train/distributed.py): auto = when JAX detects a cluster "
-    "(Cloud TPU VM slice, GKE, SLURM, Open MPI, Kubernetes) or the settings below are given; yes = must; no = never",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "HOST:PORT of process 0 (env LCT_COORDINATOR_ADDRESS, JAX_COORDINATOR_ADDRESS)",
+    "distributed", "auto", list(distributed.MODES), distributed.FLAG_HELP["distributed"]
 )
 # strings, validated by lct_jax.train.distributed like their environment variables (one-line errors)
-_NUM_PROCESSES = flags.DEFINE_string("num_processes", None, "processes in the run (env LCT_NUM_PROCESSES)")
-_PROCESS_ID = flags.DEFINE_string("process_id", None, "this process, 0..num_processes-1 (env LCT_PROCESS_ID)")
-_BIND = flags.DEFINE_string(
-    "coordinator_bind_address",
-    None,
-    "where process 0 listens (default [::]:PORT; env LCT_COORDINATOR_BIND_ADDRESS, JAX_COORDINATOR_BIND_ADDRESS)",
-)
-_LOCAL_DEVICES = flags.DEFINE_string(
-    "local_device_ids",
-    None,
-    "devices this process uses, e.g. 0,1 (env LCT_LOCAL_DEVICE_IDS, JAX_LOCAL_DEVICE_IDS)",
-)
+_SETTINGS = [flags.DEFINE_string(key, None, distributed.FLAG_HELP[key]) for key in distributed.ENV_VARS]
 _DIST_TIMEOUT = flags.DEFINE_float(
-    "distributed_timeout", 300, "seconds allowed for cluster detection and for all processes to connect"
+    "distributed_timeout", distributed.TIMEOUT_S, distributed.FLAG_HELP["distributed_timeout"]
 )
 flags.DEFINE_bool("debug", False, "show the traceback of every failure (also: LCT_DEBUG=1)")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -56,12 +38,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    import jax  # noqa: PLC0415
-
     skip_absent_tpu()
-    from lct_jax.train import distributed  # noqa: PLC0415
-
-    given = {f.name: f.value for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _BIND, _LOCAL_DEVICES)}
+    given = {f.name: f.value for f in _SETTINGS}
     print(distributed.start(_DISTRIBUTED.value, distributed.settings(given), _DIST_TIMEOUT.value))
     from lct_jax.train.loop import NonFiniteError  # noqa: PLC0415
     from lct_jax.train.run import run  # noqa: PLC0415

@@ -65,6 +65,24 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "local_device_ids": ("LCT_LOCAL_DEVICE_IDS", "JAX_LOCAL_DEVICE_IDS"),
 }
 REQUIRED = ("coordinator_address", "num_processes", "process_id")
+TIMEOUT_S = 300.0
+
+_HELP = {
+    "distributed": "connect the processes of a multi-host run (lct_jax/train/distributed.py): auto = when JAX "
+    "detects a cluster (Cloud TPU VM slice, GKE, SLURM, Open MPI, Kubernetes) or the settings below are given; "
+    "yes = must; no = never",
+    "coordinator_address": "HOST:PORT of process 0",
+    "num_processes": "processes in the run",
+    "process_id": "this process, 0..num_processes-1",
+    "coordinator_bind_address": "where process 0 listens (default [::]:PORT)",
+    "local_device_ids": "devices this process uses, e.g. 0,1",
+    "distributed_timeout": "seconds allowed for cluster detection and for all processes to connect",
+}
+# the flags of every entry point that computes (absl in lct_jax.train, argparse in lct_jax.eval), name -> help:
+# --distributed is one of MODES, --distributed_timeout seconds, the others strings that settings() validates
+FLAG_HELP: dict[str, str] = {
+    k: h + (f" (env {', '.join(ENV_VARS[k])})" if k in ENV_VARS else "") for k, h in _HELP.items()
+}
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d+)$")  # host:port, [ipv6]:port
 
 
@@ -190,7 +208,7 @@ def detect_cluster(timeout_s: float = 60) -> Cluster | None:
     return _bounded(probe, timeout_s, "cluster detection")
 
 
-def start(mode: str, s: Settings, timeout_s: float = 300) -> str:
+def start(mode: str, s: Settings, timeout_s: float = TIMEOUT_S) -> str:
     """Connect this process to the others (or decide to run alone); returns one line saying which.
 
     Must run before anything initializes a JAX backend (``jax.devices()``, the first computation).

@@ -170,8 +170,9 @@ def check_vocab(config, model_cfg) -> None:
         )
 
 
-def build_data(config, mesh, model_cfg=None):
-    """The stage's grain iterator (batches of this process's rows)."""
+def build_data(config, mesh, model_cfg):
+    """The stage's grain iterator (batches of this process's rows) for the model ``model_cfg``
+    (:func:`build_model`'s second value), whose vocabulary the tokenizer must fit."""
     from lct_jax.data import loader  # noqa: PLC0415
 
     d = config.data

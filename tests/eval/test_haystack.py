@@ -172,5 +172,7 @@ def test_two_processes_run_the_same_command_and_process_0_writes(ckpts, tmp_path
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    # the start of python -m lct_jax.train, from the same flags
+    assert "jax.distributed via SlurmCluster: process 1 of 2" in logs[1], logs[1]
     assert "process 1: process 0 builds" in logs[1] and "complete" in logs[0]
     assert EmbeddingStore.open(out).shape == (40, 4, 64)

@@ -243,7 +243,7 @@ def _shard_batches(config, shard: int, count: int, n: int) -> list[dict]:
     real = loader.mesh_data_shard
     loader.mesh_data_shard = lambda *a, **k: (shard, count)
     try:
-        it = build_data(config, mesh)
+        it = build_data(config, mesh, build_model(config)[1])
     finally:
         loader.mesh_data_shard = real
     out = [next(it) for _ in range(n)]
@@ -287,7 +287,9 @@ def test_seq_across_processes_matches_one_process_and_resumes_exactly(runs):
     got = {**runs["S1_losses"], **_losses(runs["tmp"] / "seq")}
     assert sorted(got) == list(range(1, 7))
     config = _config(runs["data"], SEQ_MESH)
-    it = build_data(config, make_mesh(*SEQ_MESH))  # one process: data shard 0 of 1, as both processes read
+    it = build_data(
+        config, make_mesh(*SEQ_MESH), build_model(config)[1]
+    )  # one process: data shard 0 of 1, as both processes read
     want = _reference_losses(config, [next(it) for _ in range(6)])  # (on DATA_MESH: same rows, other mesh)
     it.close()
     diff = max(abs(got[s + 1] - w) for s, w in enumerate(want))
