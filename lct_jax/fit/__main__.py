@@ -38,7 +38,7 @@ _PROGRAM = flags.DEFINE_string("program", "train", "what to compile: train | emb
 _ESTIMATE = flags.DEFINE_bool(
     "estimate",
     False,
-    "estimate the peak from a ballast compile (seconds; errs ~1% high) instead of a full compile",
+    "estimate the peak from a ballast compile (seconds; 1-6% off) instead of a full compile",
 )
 _PHASE = flags.DEFINE_bool("phase", True, "also compile the embedding + loss phase alone and compare")
 _LINE = flags.DEFINE_bool(
