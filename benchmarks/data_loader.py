@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the loader needs no accelerator; with the CPU chosen libtpu stays quiet
+os.environ.setdefault(
+    "JAX_PLATFORMS", "cpu"
+)  # the loader needs no accelerator; with the CPU chosen libtpu stays quiet
 
 import json
 import tempfile

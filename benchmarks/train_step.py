@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -27,17 +28,15 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from lct_jax.data.loader import global_batch
+from lct_jax.data.loader import global_batch  # noqa: E402
 from lct_jax.model.qwen2 import PRESETS, Qwen2  # noqa: E402
 from lct_jax.sharding import make_mesh  # noqa: E402
+from lct_jax.train.run import load_config  # noqa: E402
 from lct_jax.train.state import init_state, make_state_spec  # noqa: E402
-from lct_jax.train.step import StepConfig, jit_train_step, make_train_step  # noqa: E402
+from lct_jax.train.step import StepConfig, jit_train_step  # noqa: E402
 
 GIB = 2**30
 
@@ -125,47 +124,25 @@ def bench_cpu(presets):
         )
 
 
-def tpu_mesh(name="v5e:16x16", model=1):
-    from jax.experimental.topologies import get_topology_desc  # noqa: PLC0415
-
-    topo = get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
-                             chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))  # fmt: skip
-    return make_mesh(data=1, seq=-1, model=model, devices=topo.devices)
-
-
 def bench_tpu_memory(lengths=(256 * 1024, 1024 * 1024), model=1):
-    mesh = tpu_mesh(model=model)
-    cfg = PRESETS["qwen2_7b"].replace(rope_theta=1e9, dtype="bfloat16", remat="full", attention="ring",
-                                      ring_kernel="pallas_tpu")  # fmt: skip
-    mk = lambda r: Qwen2(cfg, rngs=r)  # noqa: E731
-    spec = make_state_spec(mk, optim(), mesh)
-    tok = NamedSharding(mesh, P("data", "seq"))
+    """The 7B stage-0 config as shipped (its mesh unless ``model`` is given), one row, through the fit check."""
+    import lct_jax.fit as fit  # noqa: PLC0415 - libtpu only when this part runs
+
+    config = load_config(f"{Path(__file__).resolve().parents[1] / 'configs' / 'text_extension.py'}:size=7b")
+    topo = fit.get_topology("v5e:16x16")
+    mesh = (1, topo.num_devices // model, model)
     print(
-        f"(b) Qwen2-7B text-extension step, per-chip peak memory, v5e:16x16 mesh {dict(mesh.shape)}, "
-        "HBM 15.75 GiB/chip"
+        f"(b) Qwen2-7B text-extension step (configs/text_extension.py:size=7b, one row), per-chip peak memory, "
+        f"v5e:16x16 mesh (data, seq, model) = {mesh}, HBM {topo.hbm_bytes / GIB:.2f} GiB/chip"
     )
     for length in lengths:
-        ab = {k: jax.ShapeDtypeStruct((1, length), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=tok)
-              for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}  # fmt: skip
-        fn = make_train_step(spec, optim(), StepConfig(loss_chunk=16384))
-        t0 = time.perf_counter()
-        with jax.set_mesh(mesh):
-            try:
-                compiled = (
-                    jax.jit(fn, in_shardings=(spec.shardings, {k: tok for k in ab}), donate_argnums=0)
-                    .trace(spec.abstract, ab).lower().compile()
-                )  # fmt: skip
-                peak = compiled.memory_analysis().peak_memory_in_bytes
-                kernel = "tpu_custom_call" in compiled.as_text()
-                print(
-                    f"    {length // 1024:>5d}K tokens ({length // mesh.shape['seq']} per chip): peak "
-                    f"{peak / GIB:6.2f} GiB per chip  (Pallas kernel lowered: {kernel}; compile "
-                    f"{time.perf_counter() - t0:.0f} s)"
-                )
-            except Exception as e:  # noqa: BLE001 - over-budget programs fail at compile time
-                msg = " ".join(str(e).split())
-                i = msg.find("RESOURCE_EXHAUSTED")
-                print(f"    {length // 1024:>5d}K tokens: does not fit: {msg[max(i, 0) : max(i, 0) + 300]}")
+        p = fit.compile_probe(fit.with_overrides(config, length=length), topo, mesh, rows=1)
+        where = f"({p.tokens_per_chip:,.0f} tokens per chip)"
+        if p.fits:
+            print(f"    {length // 1024:>6d}K tokens {where}: peak {p.peak / GIB:6.2f} GiB per chip (Pallas kernel "
+                  f"lowered: {p.kernel}; compile {p.seconds:.0f} s)")  # fmt: skip
+        else:
+            print(f"    {length // 1024:>6d}K tokens {where}: does not fit: {p.error[:200]}")
 
 
 def main():

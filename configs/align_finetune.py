@@ -10,7 +10,11 @@ Run::
 What to expect at size=7b: ``qwen_1_5`` chat template (assistant answers and the <|im_start|>/<|im_end|> markers
 trained), UniRes up to 49 tiles per image, rows up to 32768 tokens; everything trains: LM and projector LR 1e-5,
 vision tower LR 2e-6, cosine with 3% warmup, wd 0, clip 1.0, 1 epoch (779K rows / 128 per step ≈ 6090 steps; the
-global batch size is our choice). No video data: long-video skill comes from the text stage.
+global batch size is our choice). No video data: long-video skill comes from the text stage. Checked with
+``python -m lct_jax.fit --config=configs/align_finetune.py:size=7b --topology=v5e:16x16 --estimate`` (mesh
+(1, 256, 1)): 6.09 GiB per chip in 4 micro-batches of 32 rows; one row of 49 tiles fits up to 15,728,640 tokens
+(15.73 GiB, estimate); a 2000-frame video row (``--config.data.max_tiles=2000 --config.data.max_len=294912``,
+288K visual tokens) 5.34 GiB, the vision tower's phase being its peak.
 
 ``size=tiny``: tiny CLIP + LM on the demo's synthetic question–answer images (UniRes up to 4 tiles); loss falls
 within 60 steps. ``--config.x=y`` overrides; typos are errors.
@@ -33,6 +37,11 @@ def get_config(arg: str | None = None):
     )
     c.num_steps = 6090
     c.checkpoint.every = 500
+    if size == "7b":
+        # 32 rows per micro-batch (1568 UniRes tiles through the tower at once): the fit check on v5e:16x16, mesh
+        # (1, 256, 1), plans 6.09 GiB per chip (estimate) vs 15.47 GiB with all 128 rows in one micro-batch;
+        # one row of 49 tiles + 32K tokens: 1.14 GiB; a 2000-frame video row (288K visual tokens): 5.34 GiB
+        c.step.micro_batches = 4
     if size == "tiny":
         c.data.max_len = 128
         c.data.max_tiles = 4

@@ -10,7 +10,9 @@ What to expect at size=7b: LM from the text stage (``init_from``: its workdir, l
 Hugging Face, a random projector; "plain" template (``<image>`` + caption, only the caption trained), one square
 crop per image, rows up to 8192 tokens; only the projector trains: LR 1e-3, cosine with 3% warmup, AdamW
 (0.9, 0.999), wd 0, 1 epoch (558K captions / 128 per step ≈ 4360 steps; the global batch size is not in the
-release, 128 is our choice). Caption loss falls fast (to ~2.5 on LCS-558K).
+release, 128 is our choice). Caption loss falls fast (to ~2.5 on LCS-558K). Checked with ``python -m lct_jax.fit
+--config=configs/align_pretrain.py:size=7b --topology=v5e:16x16 --estimate``: 2.15 GiB per chip of 15.75 on mesh
+(1, 256, 1) for all 128 rows in one micro-batch.
 
 ``size=tiny``: tiny CLIP (56 px tiles, 4 tokens each) + tiny LM, byte tokenizer; the demo's synthetic captions
 (whose language the text stage already taught the frozen LM) go from ~1.40 to ~1.24 in 120

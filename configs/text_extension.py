@@ -46,7 +46,13 @@ def get_config(arg: str | None = None):
     c.optim.groups = dict(lm=group(1e-5, "constant"))
     c.num_steps = 1000
     c.checkpoint.every = 50
-    c.step.loss_chunk = 4096
+    c.step.loss_chunk = 1_048_576 if size == "7b" else 4096  # tokens per row per chunk of the head
+    if size == "7b":
+        # the mesh `python -m lct_jax.fit --config=configs/text_extension.py:size=7b --topology=v5e:16x16
+        # --config.data.batch_size=1 --search` recommends: one row fits up to 14,942,208 tokens (14.2M; 15.43 GiB
+        # per chip, full compile), vs 14.0M on (1, 256, 1), 13.4M on (1, 64, 4), 8.3M on (1, 32, 8) (estimates);
+        # with --config.model.remat=offload 16M fits (12.63 GiB per chip, 12.25 GiB of host memory)
+        c.mesh.model = 2
     if size == "tiny":
         c.data.seq_len = 256
         c.data.batch_size = 8

@@ -38,14 +38,23 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "patch": None,  # conv patch dims, CLIP class token, position table rows
     # activations
     "act_batch": "data",
-    "act_tiles": ("data", "seq"),  # vision batch (image tiles / video frames): spread over every data-like axis
+    "act_tiles": (
+        "data",
+        "seq",
+    ),  # vision batch (image tiles / video frames): spread over every data-like axis
     "act_seq": "seq",
-    "act_embed": None,
+    "act_embed": None,  # the model dim where a layer computes (gathered)
+    "act_resid": "model",  # the residual stream between layers (and the saved layer inputs): split over model
     "act_heads": "model",
     "act_kv_heads": "model",
     "act_mlp": "model",
     "act_vocab": "model",
 }
+
+
+# Head axes fall back to replication on mesh axes that do not divide them (e.g. Qwen2-7B's 4 kv heads or 28 query
+# heads on model=8) instead of failing; the ring attention then pads / repeats heads (ops.ring_attention.shard_heads).
+REPLICATE_IF_UNEVEN = frozenset({"heads", "kv_heads", "act_heads", "act_kv_heads"})
 
 
 def make_mesh(
@@ -91,31 +100,42 @@ def make_mesh(
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(names: Sequence[str | None] | None) -> PartitionSpec:
-    """Map logical axis names (one per array dimension) to a mesh ``PartitionSpec``."""
+def logical_to_spec(names: Sequence[str | None] | None, shape=None, mesh_shape=None) -> PartitionSpec:
+    """Map logical axis names (one per array dimension) to a mesh ``PartitionSpec``.
+
+    With ``shape`` and ``mesh_shape`` (axis name -> size), a :data:`REPLICATE_IF_UNEVEN` dimension that its mesh
+    axes do not divide is replicated instead.
+    """
     if names is None:
         return PartitionSpec()
     out = []
-    for name in names:
+    for dim, name in enumerate(names):
         if name is None:
             out.append(None)
             continue
         if name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(LOGICAL_RULES)}")
-        out.append(LOGICAL_RULES[name])
+        axes = LOGICAL_RULES[name]
+        if shape is not None and name in REPLICATE_IF_UNEVEN and shape[dim] % _axis_size(mesh_shape, axes):
+            axes = None
+        out.append(axes)
     return PartitionSpec(*out)
 
 
-def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+def _axis_size(mesh_shape, axes: str | tuple[str, ...] | None) -> int:
+    """Product of the sizes of ``axes`` in ``mesh_shape`` (a mapping or a mesh); 1 for None or absent axes."""
     if axes is None:
         return 1
+    sizes = getattr(mesh_shape, "shape", mesh_shape)
     axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(sizes.get(a, 1) for a in axes)
 
 
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     """Raise a clear error when a dimension does not divide by the mesh axes it is sharded over."""
-    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)):
+    for dim, (size, axes) in enumerate(
+        zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)
+    ):
         k = _axis_size(mesh, axes)
         if size % k:
             raise ValueError(
@@ -125,7 +145,7 @@ def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what:
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, shape=None, what: str = "array"):
-    spec = logical_to_spec(names)
+    spec = logical_to_spec(names, shape, mesh.shape)
     if shape is not None:
         check_divisible(shape, spec, mesh, what)
     return NamedSharding(mesh, spec)
@@ -150,7 +170,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, dict(mesh.shape)))
+
+
+def gather_weight(w: jax.Array, names: Sequence[str | None], dtype) -> jax.Array:
+    """A weight as a layer uses it: cast to the compute ``dtype`` on its shards, then all-gathered over its FSDP
+    dims (``'embed'`` → unsharded, tensor-parallel dims kept).
+
+    The order matters for the backward (each constraint's transpose is the same constraint on the cotangent):
+    the gradient is reduce-scattered onto the shards in the compute dtype, and only then converted to the
+    param's fp32, so no device holds the whole fp32 partial gradient of the weight. In a loop (the blockwise
+    MLP, the chunked loss) the loop then accumulates the gradient on its shards."""
+    w = constrain(w.astype(dtype), names)
+    return constrain(w, [None if n == "embed" else n for n in names])
 
 
 def mesh_axis_size(name: str) -> int:

@@ -2,7 +2,7 @@
 
 Layout contract: :mod:`lct_jax.kernels.blocks`. Triton programs run in parallel (no sequential grid axis), so the
 reduction over blocks is a ``fori_loop`` inside each program and skipped blocks are a ``lax.cond`` on the
-``visible`` table:
+visibility table formed from the block ranges:
 
     forward  grid (B, K*G, T/bq): one query head's q block, loop over kv blocks (kv head = query head // G)
     dK/dV    grid (B, K, S/bk):   one kv block, loop over its G query heads and the q blocks
@@ -85,8 +85,9 @@ def _head_specs(s, h, bq, g, nk):
 
 
 def fwd_hop(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, o, m, l, *, scale, block_q, block_k, interpret=False
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o, m, l, *, scale, block_q, block_k, interpret=False
 ):
+    visible = ranges.table()  # [B, T/bq, S/bk] in HBM (no SMEM limit on GPU); each program reads its row
     b, kh, g, t, h = q.shape
     s = k.shape[2]
     nk = s // block_k
@@ -160,8 +161,9 @@ def _dq_kernel(vis_ref, q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_
     dq_ref[...] = lax.fori_loop(0, nk, body, dq_in[...])
 
 
-def bwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, do, lse, delta, dq, dk, dv, *, scale, block_q, block_k,
+def bwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, do, lse, delta, dq, dk, dv, *, scale, block_q, block_k,
             interpret=False):  # fmt: skip
+    visible = ranges.table()
     b, kh, g, t, h = q.shape
     s = k.shape[2]
     nq, nk = t // block_q, s // block_k

@@ -1,7 +1,7 @@
 """Blockwise jnp ring-hop kernel ('xla'): runs on every backend, the reference the Pallas kernels must match.
 
 Layouts and masking: :mod:`lct_jax.kernels.blocks`. Query blocks are visited with ``lax.map`` and key blocks with
-``lax.scan``; a block whose ``visible`` entry is 0 is skipped by ``lax.cond`` (no matmul, no exp), which is what
+``lax.scan``; a block whose pair the block ranges rule out is skipped by ``lax.cond`` (no matmul, no exp), which is what
 makes the zigzag layout balance work across shards. Nothing larger than one [B, K, G, bq, bk] score block is live.
 """
 
@@ -32,7 +32,13 @@ def _scores(q, k, qp, kp, qs, ks, scale):
     return jnp.where(mask, s, MASK_VALUE), mask
 
 
-def fwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, o, m, l, *, scale, block_q, block_k, **_):
+def _visible_rows(ranges):
+    """int32[nq, nk]: a block pair runs if it may be visible in any batch row (the jnp kernel computes a block for
+    all rows at once); formed from the O(T / block) ranges inside the fused op."""
+    return ranges.table().any(0).astype(jnp.int32)
+
+
+def fwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o, m, l, *, scale, block_q, block_k, **_):
     """One hop of the forward: fold K/V [B, K, S, H] into the online-softmax carry (o, m, l)."""
     qb, ob, mb, lb = (
         _split(q, 3, block_q),
@@ -43,7 +49,7 @@ def fwd_hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, o, m, l, *, scale, b
     qpb, qsb = _split(q_pos, 1, block_q), _split(q_seg, 1, block_q)  # [nq, B, bq]
     kb, vb = _split(k, 2, block_k), _split(v, 2, block_k)  # [nk, B, K, bk, H]
     kpb, ksb = _split(kv_pos, 1, block_k), _split(kv_seg, 1, block_k)  # [nk, B, bk]
-    vis = visible.any(0)  # [nq, nk]: a block runs if any batch row needs it
+    vis = _visible_rows(ranges)  # [nq, nk]
 
     def one_q_block(args):
         q_i, qp, qs, carry, vis_row = args
@@ -80,7 +86,7 @@ def bwd_hop(
     kv_pos,
     q_seg,
     kv_seg,
-    visible,
+    ranges,
     do,
     lse,
     delta,
@@ -98,7 +104,7 @@ def bwd_hop(
     qpb, qsb = _split(q_pos, 1, block_q), _split(q_seg, 1, block_q)
     kb, vb, dkb, dvb = (_split(x, 2, block_k) for x in (k, v, dk, dv))  # [nk, B, K, bk, H]
     kpb, ksb = _split(kv_pos, 1, block_k), _split(kv_seg, 1, block_k)
-    vis = visible.any(0)  # [nq, nk]
+    vis = _visible_rows(ranges)  # [nq, nk]
     nk = kb.shape[0]
 
     def one_q_block(carry, xs):

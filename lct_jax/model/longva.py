@@ -35,7 +35,7 @@ from lct_jax.model import qwen2 as qwen2_lib
 from lct_jax.model.clip import CLIPConfig, CLIPVisionTower
 from lct_jax.model.projector import Projector, pool2x2
 from lct_jax.model.qwen2 import Qwen2, Qwen2Config
-from lct_jax.sharding import constrain
+from lct_jax.sharding import constrain, mesh_axis_size
 
 IMAGE_TOKEN = -200
 
@@ -149,7 +149,13 @@ class LongVA(nnx.Module):
             if tuple(pixel_mask.shape) != (b, m):
                 raise ValueError(f"pixel_mask shape {tuple(pixel_mask.shape)} must be [B, M] = {(b, m)}")
             pixels = jnp.where(pixel_mask[:, :, None, None, None], pixels, 0.0)
-        tokens = self.encode_images(pixels.reshape(b * m, *pixels.shape[2:]))  # [B*M, P/4, D]
+        flat = pixels.reshape(b * m, *pixels.shape[2:])
+        # the tile batch is spread over data x seq: pad it to a multiple (zero tiles, dropped after), so any tile
+        # count works on any mesh; each device still encodes ceil(B*M / devices) tiles
+        pad = -(b * m) % (mesh_axis_size("data") * mesh_axis_size("seq"))
+        if pad:
+            flat = jnp.pad(flat, ((0, pad),) + ((0, 0),) * (flat.ndim - 1))
+        tokens = self.encode_images(flat)[: b * m]  # [B*M, P/4, D]
         tpt, d = tokens.shape[1:]
         tokens = tokens.reshape(b, m, tpt, d)
         if pixel_mask is not None:

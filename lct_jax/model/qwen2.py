@@ -7,7 +7,19 @@ Axis alphabet: B batch, T tokens, D model dim, N query heads, K kv heads, H head
   positions can reach millions; theta is configurable (1e6 for Qwen2, 1e9 after LongVA's text extension).
 - GQA attention with q/k/v biases and no o bias, through :func:`lct_jax.ops.attention.attention`
   (dense reference or ring attention); SwiGLU MLP; tied or untied LM head.
-- Layers are stacked and scanned, rematerialized per layer with a configurable policy.
+- Layers are stacked and scanned, rematerialized per layer with a configurable policy (``'offload'`` keeps the saved
+  layer inputs in host memory).
+
+Memory layout under the ('data', 'seq', 'model') mesh, for million-token rows:
+
+- the residual stream between layers (the scan carry, i.e. the saved layer inputs) is split over ``seq`` on tokens
+  and over ``model`` on D (``act_resid``); each layer gathers D after its norms (``act_embed``) and its output
+  projections' partial sums are reduce-scattered back onto the residual's shards;
+- the MLP runs blockwise (``mlp_chunk`` tokens of each shard at a time, rematerialized per chunk), so its
+  [T, F] intermediates never exist for the whole shard;
+- the embedding lookup never gathers the table: the table stays FSDP-sharded, every device looks up its slice of
+  D for a chunk of the row's tokens (``embed_chunk``) and an all-to-all returns token-sharded rows; the gradient
+  is the transpose, a scatter-add into the device's own slice of the table.
 """
 
 from __future__ import annotations
@@ -19,9 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lct_jax.model.layers import Dense, RMSNorm, param, scan_layers, stack_layers
+from lct_jax.model.layers import (
+    Dense,
+    RMSNorm,
+    param,
+    pick_num_chunks,
+    scan_layers,
+    stack_layers,
+    token_chunks,
+)
 from lct_jax.ops.attention import attention
 from lct_jax.sharding import constrain, mesh_axis_size
+
+RESIDUAL = ("act_batch", "act_seq", "act_resid")  # the residual stream between layers
+GATHERED = ("act_batch", "act_seq", "act_embed")  # where a layer computes: D whole
+Q_NAMES = ("act_batch", "act_seq", "act_heads", None)  # q [B, T, N, H]
+KV_NAMES = ("act_batch", "act_seq", "act_kv_heads", None)  # k, v [B, T, K, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +63,16 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
-    remat: str = "full"  # see lct_jax.model.layers.REMAT_POLICIES
+    remat: str = (
+        "full"  # see lct_jax.model.layers.REMAT_POLICIES ('offload': saved layer inputs in host memory)
+    )
+    mlp_chunk: int = (
+        0  # blockwise feed-forward: tokens per seq shard per MLP chunk (0 = the whole shard at once)
+    )
+    embed_chunk: int = 0  # token-embedding lookup in chunks of this many tokens per row (0 = all at once)
     attention: str = "auto"  # 'dense' | 'ring' | 'auto' (= ring when the mesh's seq axis > 1)
     ring_kernel: str = "xla"  # ring attention block kernel: 'xla' | 'pallas_tpu' | 'pallas_gpu'
+    ring_head_passes: int = 1  # kv-head groups the ring runs one after another (less fp32 memory, more hops)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -133,18 +165,27 @@ class Attention(nnx.Module):
         self.v = Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, **kw)
         self.o = Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, **kw)
 
-    def __call__(self, x, positions, segment_ids):
+    def project(self, x, positions):
+        """[B, T, D] → q [B, T, N, H], k, v [B, T, K, H] (RoPE applied to q and k)."""
         cfg = self.cfg
         q = rope(self.q(x), positions, cfg.rope_theta)  # [B, T, N, H]
         k = rope(self.k(x), positions, cfg.rope_theta)  # [B, T, K, H]
         v = self.v(x)  # [B, T, K, H]
-        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        k = constrain(k, ("act_batch", "act_seq", "act_kv_heads", None))
-        v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
+        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+        return q, k, v
+
+    def __call__(self, x, positions, segment_ids):
+        return self.attend(*self.project(x, positions), positions, segment_ids)
+
+    def attend(self, q, k, v, positions, segment_ids):
+        """Attention over projected q, k, v and the output projection → [B, T, D]."""
+        cfg = self.cfg
         impl = cfg.attention
         if impl == "auto":
             impl = "ring" if mesh_axis_size("seq") > 1 else "dense"
-        ring_options = {"kernel": cfg.ring_kernel} if impl == "ring" else {}
+        ring_options = (
+            {"kernel": cfg.ring_kernel, "head_passes": cfg.ring_head_passes} if impl == "ring" else {}
+        )
         o = attention(q, k, v, positions, segment_ids, impl=impl, **ring_options)  # [B, T, N, H]
         return self.o(o)  # [B, T, D]
 
@@ -161,11 +202,22 @@ class MLP(nnx.Module):
         self.gate = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
         self.up = Dense((d,), (f,), ("embed",), ("mlp",), use_bias=False, **kw)
         self.down = Dense((f,), (d,), ("mlp",), ("embed",), use_bias=False, **kw)
+        self.chunk = cfg.mlp_chunk
 
-    def __call__(self, x):
+    def ffn(self, x):
         h = jax.nn.silu(self.gate(x)) * self.up(x)  # [B, T, F]
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
         return self.down(h)
+
+    def __call__(self, x, norm=None):  # [B, T, D] residual layout → [B, T, D] residual layout
+        """``ffn(norm(x))`` chunk by chunk: the (optional) pre-MLP norm runs inside each chunk, so neither the
+        normed activations nor the [T, F] intermediates ever exist for the whole shard."""
+
+        def one(y):
+            y = constrain(y if norm is None else norm(y), GATHERED)
+            return constrain(self.ffn(y), RESIDUAL)
+
+        return token_chunks(one, x, self.chunk, RESIDUAL)
 
 
 class DecoderLayer(nnx.Module):
@@ -181,10 +233,17 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids):
-        x = x + self.attn(self.input_norm(x), positions, segment_ids)
-        x = x + self.mlp(self.post_attn_norm(x))
-        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+    def __call__(self, x, positions, segment_ids):  # x: residual [B, T, D], D split over model
+        x = constrain(x, RESIDUAL)
+        # norm + q/k/v projection is rematerialized from the residual stream on its own, so the gathered normed
+        # activations [T, D] are not held while the attention runs its backward. The MLP takes its norm into its
+        # rematerialized chunks instead (no checkpoint around it: that kept another [T, D] alive)
+        qkv = jax.checkpoint(lambda x: self.attn.project(constrain(self.input_norm(x), GATHERED), positions))(
+            x
+        )
+        x = x + constrain(self.attn.attend(*qkv, positions, segment_ids), RESIDUAL)
+        x = x + self.mlp(x, norm=self.post_attn_norm)
+        return constrain(x, RESIDUAL)
 
 
 class Qwen2(nnx.Module):
@@ -223,27 +282,42 @@ class Qwen2(nnx.Module):
         )
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        """int[B, T] → [B, T, D] in the compute dtype."""
-        # FSDP shards the table's embed dim over data x seq; gathering rows from it would leave D sharded and
-        # force a full rematerialization to the [B, T] activation layout. All-gather D first (as every FSDP
-        # layer does with its weights); vocab stays split over `model`.
-        table = constrain(self.embed[...], ("vocab", None))  # [V, D]
-        x = jnp.take(table, input_ids, axis=0).astype(self.cfg.dtype)
-        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+        """int[B, T] → [B, T, D] in the compute dtype (the residual layout), from the FSDP-sharded table.
+
+        The table is never gathered: for each strided chunk of ``embed_chunk`` tokens per row (token t in chunk
+        t % C, as the chunked loss), every device looks up *all* the chunk's tokens in its own [V / model, D /
+        (data x seq)] slice (ids all-gathered, a few bytes per token), and one all-to-all hands each device its own
+        tokens with D whole. The backward is the transpose: an all-to-all of the rows' gradients and a scatter-add
+        into the device's own slice, accumulated over chunks in fp32 (never a whole [V, D] gradient anywhere)."""
+        table = constrain(self.embed[...], ("vocab", "embed"))  # [V, D], kept on its shards
+        b, t = input_ids.shape
+        chunk = self.cfg.embed_chunk if self.cfg.embed_chunk > 0 else t
+        c = pick_num_chunks(t, chunk, multiple_of=mesh_axis_size("seq"))  # chunks stay sequence-sharded
+        ids = jnp.moveaxis(input_ids.reshape(b, t // c, c), 2, 0)  # [C, B, T/C]
+
+        def lookup(ids_c):
+            ids_c = constrain(ids_c, (None, None))  # every device: all of the chunk's ids
+            rows = jnp.take(table, ids_c, axis=0)  # [B, T/C, D]: D on its FSDP shards
+            rows = constrain(rows.astype(self.cfg.dtype), (None, None, "embed"))
+            return constrain(rows, RESIDUAL)  # all-to-all: own tokens, D as the residual stream
+
+        x = jax.lax.map(lookup, ids)  # [C, B, T/C, D]
+        x = jnp.moveaxis(x, 0, 2).reshape(b, t, -1)
+        return constrain(x, RESIDUAL)
 
     def encode(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None) -> jax.Array:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.dtype)
-        b, t = x.shape[:2]
+        b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         seq = mesh_axis_size("seq")
         if t % seq:
             raise ValueError(f"sequence length {t} does not divide by the mesh's seq axis ({seq}); pad it")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = constrain(x, RESIDUAL)
         x = scan_layers(self.layers, x, positions, segment_ids, policy=self.cfg.remat)
-        return self.norm(x)
+        return constrain(self.norm(x), GATHERED)
 
     def head_weight(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied)."""

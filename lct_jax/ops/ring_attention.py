@@ -18,7 +18,7 @@ Worked example of the schedule, W = 4 shards, 16 tokens, zigzag layout (chunks o
     hop 3: kv from       shard 1    shard 2    shard 3    shard 0     (W-1 = 3 rotations in the forward)
 
 At hop 1 shard 0 (q: c0 c7) sees kv c3 c4: q-block c0 x kv-blocks c3, c4 is fully masked (positions 6..9 > 0..1)
-and skipped by ``lax.cond``; c7 x c3, c7 x c4 run. Every shard runs 2 of 4 block pairs on every off-diagonal hop,
+and skipped inside the kernel; c7 x c3, c7 x c4 run. Every shard runs 2 of 4 block pairs on every off-diagonal hop,
 so the work is even; with the contiguous layout shard 0 would skip all of hops 1..3 while shard 3 runs them all.
 Blocks are ``block_q`` x ``block_k`` tokens; they must divide a zigzag chunk for this skipping to balance.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lct_jax.kernels import DEFAULT_BLOCKS, KERNELS, get_kernel
-from lct_jax.kernels.blocks import BlockSizes, block_visibility, finalize, init_carry
+from lct_jax.kernels.blocks import BlockSizes, block_ranges, block_visibility, finalize, init_carry
 
 SEQ_AXIS, MODEL_AXIS, DATA_AXIS = "seq", "model", "data"
 
@@ -53,6 +54,8 @@ class _RingConfig:
     block_k: int
     scale: float
     interpret: bool
+    local_len: int  # tokens per shard after padding to the blocks (>= the real local length)
+    head_passes: int  # kv-head groups run one after another (each a full ring)
 
 
 def _rotate(xs, cfg: _RingConfig):
@@ -66,26 +69,20 @@ def _hop_kwargs(cfg: _RingConfig):
 
 
 def _fwd_block(q, q_pos, q_seg, kv, carry, cfg: _RingConfig):
-    """Fold one visiting K/V block into the carry; skipped entirely if no q-block x kv-block pair is visible."""
+    """Fold one visiting K/V block into the carry. The kernel skips every q-block x kv-block pair the block ranges
+    rule out; there is no ``lax.cond`` around the whole hop: a conditional cannot update the carry in place, and
+    its output would be one more fp32 [T, N, H] buffer per hop (14 KB per token for LongVA-7B)."""
     k, v, kv_pos, kv_seg = kv
-    visible = block_visibility(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)  # [B, nq, nk]
+    ranges = block_ranges(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)  # O(T / block)
     hop = get_kernel(cfg.kernel).fwd_hop
-
-    def run(carry):
-        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, *carry, **_hop_kwargs(cfg))
-
-    return lax.cond(visible.any(), run, lambda c: c, carry)
+    return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, *carry, **_hop_kwargs(cfg))
 
 
 def _bwd_block(q, q_pos, q_seg, do, lse, delta, kv, grads, cfg: _RingConfig):
     k, v, kv_pos, kv_seg = kv
-    visible = block_visibility(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)
+    ranges = block_ranges(q_pos, kv_pos, q_seg, kv_seg, cfg.block_q, cfg.block_k)
     hop = get_kernel(cfg.kernel).bwd_hop
-
-    def run(grads):
-        return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, visible, do, lse, delta, *grads, **_hop_kwargs(cfg))
-
-    return lax.cond(visible.any(), run, lambda g: g, grads)
+    return hop(q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, do, lse, delta, *grads, **_hop_kwargs(cfg))
 
 
 def _ring_fwd_impl(q, k, v, pos, seg, cfg: _RingConfig):
@@ -157,14 +154,55 @@ def _ring_bwd(cfg, res, g):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
+# padding tokens (local lengths the blocks do not tile): no real query sees them as keys (position after every
+# real one), and their own queries see only each other (a segment id no real token has); their outputs are dropped
+PAD_POSITION = np.iinfo(np.int32).max
+PAD_SEGMENT = np.iinfo(np.int32).min
+
+
 def _local_ring(q, k, v, pos, seg, cfg: _RingConfig):
-    """Per-shard body: [B, T, N, H] ↔ kernel layout, around the custom-VJP ring."""
+    """Per-shard body: [B, T, N, H] ↔ kernel layout (padded to the blocks), around the custom-VJP ring."""
     b, t, n, h = q.shape
     kh = k.shape[2]
-    qk = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    pos, seg = pos.astype(jnp.int32), seg.astype(jnp.int32)
+    pad = cfg.local_len - t
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        pos = jnp.pad(pos, ((0, 0), (0, pad)), constant_values=PAD_POSITION)
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
+    tp = t + pad
+    qk = q.reshape(b, tp, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kk, vk = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    out = _ring(qk, kk, vk, pos.astype(jnp.int32), seg.astype(jnp.int32), cfg)  # [B, K, G, T, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    passes = math.gcd(cfg.head_passes, kh)
+    if passes == 1:
+        out = _ring(qk, kk, vk, pos, seg, cfg)  # [B, K, G, T, H]
+    else:  # kv heads in `passes` groups, one ring each: fp32 accumulators of one group at a time
+        group = lambda x: jnp.moveaxis(x.reshape(b, passes, kh // passes, *x.shape[2:]), 1, 0)  # noqa: E731
+        outs = lax.map(lambda a: _ring(*a, pos, seg, cfg), (group(qk), group(kk), group(vk)))
+        out = jnp.moveaxis(outs, 0, 1).reshape(qk.shape)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, :t]
+
+
+def shard_heads(q, k, v, model: int):
+    """Make the heads split evenly over ``model`` tensor-parallel shards, every query head with its kv head.
+
+    - K divisible by ``model``: unchanged (each shard holds K/model kv heads and their query groups);
+    - ``model`` divisible by K and N divisible by ``model``: each kv head repeated model/K times, so each shard gets
+      the one kv head its query heads use (not a repeat to N);
+    - otherwise (e.g. N = 28, K = 4 on model = 8): kv heads repeated to N (one per query head) and q, k, v padded
+      with zero heads to a multiple of ``model``; the padded heads' outputs are dropped by the caller (``[..., :N,
+      :]``) and, with zero cotangents, add nothing to any gradient.
+    """
+    n, kh = q.shape[2], k.shape[2]
+    if kh % model == 0:
+        return q, k, v
+    if model % kh == 0 and n % model == 0:
+        return q, jnp.repeat(k, model // kh, axis=2), jnp.repeat(v, model // kh, axis=2)
+    k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
+    extra = -n % model
+    if extra:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (q, k, v))
+    return q, k, v
 
 
 def _default_interpret(mesh) -> bool:
@@ -183,18 +221,23 @@ def ring_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    head_passes: int = 1,
 ):
     """Causal ring attention on global arrays; call inside jit under ``jax.set_mesh(mesh)``.
 
     Args:
       q: [B, T, N, H]; k, v: [B, T, K, H] with K dividing N (bf16 or fp32). Sharded batch over ``data``, tokens
-        over ``seq``, heads over ``model`` (kv heads are repeated only up to the ``model`` size when K < model).
+        over ``seq``, heads over ``model`` (heads the ``model`` size does not split: :func:`shard_heads`).
       positions: int[B, T]; key s is visible to query t iff ``positions[s] <= positions[t]``.
       segment_ids: optional int[B, T]; additionally requires equal ids.
       kernel: block kernel, one of :data:`lct_jax.kernels.KERNELS`.
       block_q, block_k: block sizes (default per kernel: :data:`lct_jax.kernels.DEFAULT_BLOCKS`); clipped to the
-        local length, which they must divide.
+        local length; a local length they do not tile is padded inside each shard
+        (:meth:`lct_jax.kernels.blocks.BlockSizes.for_length`) with tokens no real query sees.
       interpret: run Pallas kernels in interpret mode; default: when the mesh's devices (or backend) are CPU.
+      head_passes: run the ring once per group of kv heads (this many groups, rounded to a divisor of the local kv
+        heads): the fp32 output / dq / dk / dv accumulators then exist for one group at a time (LongVA-7B: 14 KB
+        per token each for all 28 query heads, 3.5 KB with 4 passes), for ``head_passes`` times the hops.
     Returns:
       [B, T, N, H] in q.dtype; rows with no visible key are 0. Gradients in the input dtypes.
     """
@@ -227,16 +270,10 @@ def ring_attention(
         )
     if b % dp:
         raise ValueError(f"batch B={b} must be a multiple of the mesh's data={dp}")
-    if n % tp:
-        raise ValueError(f"query heads {n=} must be a multiple of the mesh's model={tp}")
-    if kh % tp:
-        if tp % kh:
-            raise ValueError(f"kv heads K={kh} and the mesh's model={tp}: one must divide the other")
-        # fewer kv heads than tensor-parallel shards: give each shard its one kv head (not a repeat to N)
-        k, v = jnp.repeat(k, tp // kh, axis=2), jnp.repeat(v, tp // kh, axis=2)
+    q, k, v = shard_heads(q, k, v, tp)
     block_q = DEFAULT_BLOCKS[kernel][0] if block_q is None else block_q
     block_k = DEFAULT_BLOCKS[kernel][1] if block_k is None else block_k
-    blocks = BlockSizes(block_q, block_k).fit(t // w, t // w)
+    blocks, local_len = BlockSizes(block_q, block_k).for_length(t // w)
     cfg = _RingConfig(
         axis_name=SEQ_AXIS if w > 1 else None,
         axis_size=w,
@@ -245,10 +282,12 @@ def ring_attention(
         block_k=blocks.block_k,
         scale=float(h) ** -0.5,
         interpret=_default_interpret(mesh) if interpret is None else interpret,
+        local_len=local_len,
+        head_passes=head_passes,
     )
     body = functools.partial(_local_ring, cfg=cfg)
     if mesh.empty:
-        return body(q, k, v, positions, segment_ids)
+        return body(q, k, v, positions, segment_ids)[:, :, :n]
     batch_axis = DATA_AXIS if DATA_AXIS in sizes else None
     seq_axis = SEQ_AXIS if SEQ_AXIS in sizes else None
     head_axis = MODEL_AXIS if MODEL_AXIS in sizes else None
@@ -260,7 +299,7 @@ def ring_attention(
         in_specs=(qkv_spec, qkv_spec, qkv_spec, tok_spec, tok_spec),
         out_specs=qkv_spec,
         check_vma=False,  # Pallas calls inside need it on jax 0.10
-    )(q, k, v, positions, segment_ids)
+    )(q, k, v, positions, segment_ids)[:, :, :n]
 
 
 def blocks_per_shard(positions, segment_ids, num_shards: int, block_q: int, block_k: int) -> np.ndarray:
@@ -272,7 +311,9 @@ def blocks_per_shard(positions, segment_ids, num_shards: int, block_q: int, bloc
     seg = (
         np.zeros_like(pos) if segment_ids is None else np.asarray(segment_ids)[:1].reshape(1, num_shards, -1)
     )
-    blocks = BlockSizes(block_q, block_k).fit(pos.shape[-1], pos.shape[-1])
+    blocks, local = BlockSizes(block_q, block_k).for_length(pos.shape[-1])
+    if local != pos.shape[-1]:
+        raise ValueError(f"blocks ({block_q}, {block_k}) do not tile {pos.shape[-1]} tokens per shard")
     counts = np.zeros(num_shards, np.int64)
     for r in range(num_shards):
         for j in range(num_shards):

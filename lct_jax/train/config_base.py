@@ -50,17 +50,21 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     # where the weights come from: '' = random init; else a model checkpoint dir (python -m lct_jax.convert
     # import-hf ...), a training step dir, or a previous stage's workdir (its latest checkpoint)
     c.init_from = ""
-    # one size may be -1 (= the rest). 7B: 4-way tensor parallel shards the 152K-vocab head and its fp32 gradient
-    # (otherwise ~4.4 GiB per chip; benchmarks/train_step.py), the rest of the chips run the ring over 'seq'
-    c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=4 if size == "7b" else 1))
+    # one size may be -1 (= the rest). 7B: every chip on the ring ('seq'); the text stage splits the model axis
+    # in two, the mesh `python -m lct_jax.fit --search` recommends for it on v5e-256 (see the stage files for the
+    # ceilings they were checked at)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, seq=-1, model=1))
     c.model = ml_collections.ConfigDict(
         dict(
             preset=SIZES[size],  # lct_jax.model.qwen2.PRESETS key of the language model
             rope_theta=1e6,
             dtype="bfloat16",  # compute; params and optimizer state are always fp32
-            remat="full",
+            remat="full",  # 'full' | 'offload' (saved layer inputs in host memory) | 'dots' | 'none'
             attention="auto",  # 'auto' = ring attention when the mesh's seq axis > 1
             ring_kernel="xla",
+            ring_head_passes=1,  # kv-head groups the ring runs one after another (less fp32 memory, more hops)
+            mlp_chunk=0,  # blockwise MLP: tokens per seq shard per chunk (0 = off)
+            embed_chunk=0,  # embedding lookup: tokens per row per chunk (0 = the whole row at once)
         )
     )
     c.optim = ml_collections.ConfigDict(
@@ -74,7 +78,14 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
             groups=ml_collections.ConfigDict(dict(lm=group(1e-5))),
         )
     )
-    c.step = ml_collections.ConfigDict(dict(micro_batches=1, loss_chunk=2048))
+    # loss_chunk: tokens per row per chunk of the head; vocab_chunk: vocabulary columns per chunk (0 = all)
+    c.step = ml_collections.ConfigDict(dict(micro_batches=1, loss_chunk=2048, vocab_chunk=0))
+    if size == "7b":  # million-token rows on a TPU pod (memory per chip: python -m lct_jax.fit)
+        c.model.ring_kernel = "pallas_tpu"
+        c.model.ring_head_passes = 4  # one ring per kv head: fp32 accumulators for 7 of 28 heads at a time
+        c.model.mlp_chunk = 2048
+        c.model.embed_chunk = 262144
+        c.step.vocab_chunk = 16384  # 11 chunks of the 152064-column head
     c.num_steps = 1000
     c.optim.total_steps = c.get_ref("num_steps")  # schedules span the run unless overridden
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))

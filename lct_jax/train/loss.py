@@ -4,7 +4,9 @@ Axis alphabet: B batch, T tokens, C chunks, D model dim, V vocab.
 
 Qwen2's 152K vocabulary makes full fp32 logits 608 KB per token, so [T, V] must never exist. The loss walks the
 sequence in ``C`` chunks inside a ``lax.scan`` whose body is rematerialized: the forward keeps only two running
-sums, and the backward recomputes one chunk's [B, T/C, V] logits at a time.
+sums, and the backward recomputes one chunk's [B, T/C, V] logits at a time. With ``vocab_chunk`` each token chunk
+also walks the head in strided vocabulary chunks (an online log-sum-exp), so per device only a [T/C, V/nV] slab of
+logits and a [D, V/nV] slice of the head (and of its gradient) exist at once, on any mesh.
 
 Chunks are *strided*: chunk ``c`` holds tokens ``t`` with ``t % C == c``. Reshaping [B, T] to [B, T/C, C] keeps
 the token dimension's sequence sharding on the leading ``T/C`` dim, so every device works on its own tokens in
@@ -21,23 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lct_jax.sharding import constrain
-
-
-def pick_num_chunks(length: int, chunk_size: int, multiple_of: int = 1) -> int:
-    """Number of strided chunks C for a sequence of ``length`` tokens: the smallest C with ``C * chunk_size >=
-    length`` that divides ``length`` and leaves ``length // C`` a multiple of ``multiple_of`` (the seq mesh size);
-    if none does, the largest C that fits (chunks bigger than asked)."""
-    if chunk_size < 1:
-        raise ValueError(f"{chunk_size=} must be >= 1")
-    start = max(1, -(-length // chunk_size))
-    fits = [c for c in range(1, length + 1) if length % c == 0 and (length // c) % multiple_of == 0]
-    above = [c for c in fits if c >= start]
-    if above:
-        return above[0]
-    if fits:  # chunks must stay a multiple of the seq shards: take bigger chunks than asked
-        return fits[-1]
-    raise ValueError(f"no chunk count fits {length=} with {chunk_size=} and {multiple_of=}")
+from lct_jax.model.layers import pick_num_chunks
+from lct_jax.sharding import constrain, gather_weight, mesh_axis_size
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -57,14 +44,19 @@ def full_cross_entropy(hidden, head_weight, targets, loss_mask):
     return jnp.sum(token_losses(logits, targets) * mask), jnp.sum(mask)
 
 
-def chunked_cross_entropy(hidden, head_weight, targets, loss_mask, *, chunk_size: int = 1024, multiple_of=1):
+def chunked_cross_entropy(
+    hidden, head_weight, targets, loss_mask, *, chunk_size: int = 1024, multiple_of=1, vocab_chunk: int = 0
+):
     """Sum of next-token losses without materializing [T, V] logits.
 
     Args:
       hidden: [B, T, D] final hidden states (compute dtype); head_weight: [D, V] output projection;
       targets: int32[B, T] (already shifted); loss_mask: float32[B, T] (1 = trained);
       chunk_size: about how many tokens per row go through the head at once;
-      multiple_of: keep T / C divisible by this (the ``seq`` mesh size) so chunks stay sequence-sharded.
+      multiple_of: keep T / C divisible by this (the ``seq`` mesh size) so chunks stay sequence-sharded;
+      vocab_chunk: about how many vocabulary columns at once (0 = all): each token chunk then walks the head in
+        strided vocabulary chunks with an online log-sum-exp, so no device ever holds the whole head, its whole
+        gradient, or [chunk, V] logits.
     Returns:
       (loss_sum float32[], num_tokens float32[]).
     """
@@ -76,22 +68,47 @@ def chunked_cross_entropy(hidden, head_weight, targets, loss_mask, *, chunk_size
         )
     if head_weight.shape[0] != d:
         raise ValueError(f"{head_weight.shape=} must be [D={d}, V]")
+    v = head_weight.shape[1]
     c = pick_num_chunks(t, chunk_size, multiple_of)
-    # The weight enters the scan in its own (fp32) dtype and is cast per chunk: the backward accumulates dW over
-    # all C chunks in the dtype of what the scan closes over, and bf16 there swamps the small per-chunk terms
-    # (2% error in dW at C = 256, vs 0.3% for one chunk).
-    w = head_weight  # [D, V]
+    nv = pick_num_chunks(v, vocab_chunk, mesh_axis_size("model")) if vocab_chunk > 0 else 1
+    # The weight enters the scans in its own (fp32) dtype and is cast per chunk (gather_weight: cast on its shards,
+    # then gathered): the backward accumulates dW over all C chunks in the dtype of what the scan closes over, and
+    # bf16 there swamps the small per-chunk terms (2% error in dW at C = 256, vs 0.3% for one chunk); the gather's
+    # transpose reduce-scatters each chunk's dW, so the accumulated dW stays on its shards.
+    # strided vocab chunks: column u -> (u // nv, u % nv), so the V / nv columns keep the head's vocab sharding
+    w = jnp.moveaxis(head_weight.reshape(d, v // nv, nv), 2, 0)  # [nV, D, V/nV]
     # strided chunks: token t -> (t // C, t % C); the chunk axis is moved to the front for the scan
     h = jnp.moveaxis(hidden.reshape(b, t // c, c, d), 2, 0)  # [C, B, T/C, D]
     y = jnp.moveaxis(targets.reshape(b, t // c, c), 2, 0)  # [C, B, T/C]
     m = jnp.moveaxis(loss_mask.astype(jnp.float32).reshape(b, t // c, c), 2, 0)  # [C, B, T/C]
 
+    def logits_of(h_c, w_j):  # [B, T/C, D] x [D, V/nV] -> float32[B, T/C, V/nV], vocab-sharded
+        w_j = gather_weight(w_j, ("embed", "vocab"), hidden.dtype)
+        logits = jnp.einsum("btd,dv->btv", h_c.astype(hidden.dtype), w_j, preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
     @jax.checkpoint
     def chunk_loss(h_c, y_c, m_c):
         h_c = constrain(h_c, ("act_batch", "act_seq", "act_embed"))
-        logits = jnp.einsum("btd,dv->btv", h_c, w.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
-        return jnp.sum(token_losses(logits, y_c) * m_c)
+        if nv == 1:
+            return jnp.sum(token_losses(logits_of(h_c, w[0]), y_c) * m_c)
+        # fp32 inside the vocab loop: its backward sums the nV partial dh in the dtype of what the loop closes over
+        h32 = h_c.astype(jnp.float32)
+
+        @jax.checkpoint
+        def vocab_step(carry, xs):  # online log-sum-exp over vocabulary chunks
+            run_max, run_sum, picked = carry  # float32[B, T/C] each
+            w_j, j = xs
+            logits = logits_of(h32, w_j)
+            new_max = jnp.maximum(run_max, logits.max(-1))
+            run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
+            here = jnp.take_along_axis(logits, (y_c // nv)[..., None], axis=-1)[..., 0]
+            picked = picked + jnp.where(y_c % nv == j, here, 0.0)
+            return (new_max, run_sum, picked), None
+
+        init = (jnp.full(y_c.shape, -jnp.inf), jnp.zeros(y_c.shape), jnp.zeros(y_c.shape))
+        (run_max, run_sum, picked), _ = jax.lax.scan(vocab_step, init, (w, jnp.arange(nv)))
+        return jnp.sum((run_max + jnp.log(run_sum) - picked) * m_c)
 
     def body(total, xs):
         return total + chunk_loss(*xs), None

@@ -100,6 +100,9 @@ def build_model(config):
         remat=m.remat,
         attention=m.attention,
         ring_kernel=m.ring_kernel,
+        ring_head_passes=m.ring_head_passes,
+        mlp_chunk=m.mlp_chunk,
+        embed_chunk=m.embed_chunk,
     )
     if config.stage == "text_extension":
         return "qwen2", lm_cfg, lambda rngs: Qwen2(lm_cfg, rngs=rngs)
@@ -279,7 +282,7 @@ def _run(config, workdir: Path, mesh, kind, model_cfg, make_model, data_iter) ->
             state = init_state(spec, make_model, optim, seed=config.seed, params=params)
             if not given:
                 print(f"initialized from random weights (seed {config.seed})")
-        step_cfg = StepConfig(micro_batches=config.step.micro_batches, loss_chunk=config.step.loss_chunk)
+        step_cfg = StepConfig.from_config(config.step)
         step_fn = jit_train_step(spec, optim, step_cfg, first)
         # steps after the start were logged by a run that died before saving them: TensorBoard drops them
         writer = EventWriter(workdir / "tb", purge_step=int(state.step) + 1) if primary else None

@@ -31,6 +31,12 @@ from lct_jax.train.state import StateSpec, TrainState
 class StepConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
     loss_chunk: int = 1024  # tokens per row per chunk of the vocabulary projection
+    vocab_chunk: int = 0  # vocabulary columns per chunk of the head (0 = the whole head per token chunk)
+
+    @classmethod
+    def from_config(cls, step) -> StepConfig:
+        """From a stage config's ``step`` section."""
+        return cls(micro_batches=step.micro_batches, loss_chunk=step.loss_chunk, vocab_chunk=step.vocab_chunk)
 
 
 def text_forward(model, batch) -> tuple[jax.Array, jax.Array]:
@@ -87,6 +93,7 @@ def make_loss_and_grads(spec: StateSpec, step_cfg: StepConfig, forward: Callable
                 micro["loss_mask"],
                 chunk_size=step_cfg.loss_chunk,
                 multiple_of=seq,
+                vocab_chunk=step_cfg.vocab_chunk,
             )
             return loss_sum / denom, loss_sum
 

@@ -57,3 +57,36 @@ def test_pallas_tpu_ring_compiles_for_tpu(name, chip_config, bounds):
     # forward hop kernel (in the scan and after it) + dK/dV and dQ kernels, all lowered to Mosaic
     assert text.count("tpu_custom_call") >= 4, text.count("tpu_custom_call")
     assert compiled.memory_analysis().peak_memory_in_bytes > 0
+
+
+@pytest.mark.tpu
+def test_pallas_tpu_hop_compiles_for_a_long_local_length():
+    """One forward + backward hop at 256K local tokens on v5p: the old [T/bq, S/bk] int32 visibility table would
+    need 1024 x 512 x 4 B = 2 MiB of SMEM (more than a v5p core has); the per-block ranges need 18 KiB."""
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    from lct_jax.kernels import pallas_tpu  # noqa: PLC0415
+    from lct_jax.kernels.blocks import block_ranges, init_carry  # noqa: PLC0415
+
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name="v5p:2x2x1", chip_config_name="megacore",
+            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False),
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - no libtpu: skip cleanly
+        pytest.skip(f"no TPU compiler available: {e}")
+    mesh = make_mesh(data=1, seq=1, model=-1, devices=topo.devices[:1])
+    t, h, g = 256 * 1024, 128, 7
+    q = jax.ShapeDtypeStruct((1, 1, g, t, h), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    k = jax.ShapeDtypeStruct((1, 1, t, h), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    pos = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=NamedSharding(mesh, P()))
+    kw = dict(scale=h**-0.5, block_q=256, block_k=512)
+
+    def hop(q, k, pos):
+        ranges = block_ranges(pos, pos, pos, pos, 256, 512)
+        o, m, l = pallas_tpu.fwd_hop(q, k, k, pos, pos, pos, pos, ranges, *init_carry(q), **kw)
+        zk = jnp.zeros(k.shape, jnp.float32)
+        return pallas_tpu.bwd_hop(q, k, k, pos, pos, pos, pos, ranges, q, m, l, o, zk, zk, **kw)
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(hop).trace(q, k, pos).lower().compile()
+    assert compiled.as_text().count("tpu_custom_call") == 3

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lct_jax.kernels import KERNELS, get_kernel
-from lct_jax.kernels.blocks import block_visibility, finalize, init_carry
+from lct_jax.kernels.blocks import block_ranges, finalize, init_carry
 from lct_jax.ops.attention import dense_attention
 
 B, T, S, K, G, H, BLK = 2, 16, 16, 2, 3, 8, 4
@@ -44,8 +44,8 @@ def kernel_attention(kernel, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
     def hop_args(kk, vk, half):
         kp, ks = kv_pos[:, half], kv_seg[:, half]
-        vis = block_visibility(q_pos, kp, q_seg, ks, BLK, BLK)
-        return kk[:, :, half], vk[:, :, half], q_pos, kp, q_seg, ks, vis
+        ranges = block_ranges(q_pos, kp, q_seg, ks, BLK, BLK)
+        return kk[:, :, half], vk[:, :, half], q_pos, kp, q_seg, ks, ranges
 
     @jax.custom_vjp
     def attn(qk, kk, vk):
@@ -105,7 +105,7 @@ def test_kernel_two_hops_matches_dense(kernel, dtype, tol):
     )
     assert bool(jnp.all(jnp.where(empty[..., None, None], got[0], 0) == 0))
     assert bool(jnp.all(jnp.where(empty[..., None, None], got[1], 0) == 0))
-    assert bool(jnp.any(block_visibility(*masks, BLK, BLK) == 0)), "some blocks must be skipped"
+    assert bool(jnp.any(block_ranges(*masks, BLK, BLK).table() == 0)), "some blocks must be skipped"
 
 
 def test_pallas_gpu_lowers_to_triton_without_a_gpu():
@@ -119,10 +119,49 @@ def test_pallas_gpu_lowers_to_triton_without_a_gpu():
     kw = dict(scale=0.125, block_q=blk, block_k=blk, interpret=False)
 
     def fwd_bwd(q, k):
-        vis = block_visibility(pos, pos, pos, pos, blk, blk)
-        o, m, l = pallas_gpu.fwd_hop(q, k, k, pos, pos, pos, pos, vis, *init_carry(q), **kw)
+        ranges = block_ranges(pos, pos, pos, pos, blk, blk)
+        o, m, l = pallas_gpu.fwd_hop(q, k, k, pos, pos, pos, pos, ranges, *init_carry(q), **kw)
         zk = jnp.zeros(k.shape, jnp.float32)
-        return pallas_gpu.bwd_hop(q, k, k, pos, pos, pos, pos, vis, q, m, l, o, zk, zk, **kw)
+        return pallas_gpu.bwd_hop(q, k, k, pos, pos, pos, pos, ranges, q, m, l, o, zk, zk, **kw)
 
     text = jax.jit(fwd_bwd).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 3, text.count("xla.gpu.triton")  # fwd, dK/dV, dQ
+
+
+def _old_table(q_pos, kv_pos, q_seg, kv_seg, bq, bk):
+    """The [B, T/bq, S/bk] table the kernels used to take (main before the ranges), written out again."""
+    b = q_pos.shape[0]
+    qp, qs = q_pos.reshape(b, -1, bq), q_seg.reshape(b, -1, bq)
+    kp, ks = kv_pos.reshape(b, -1, bk), kv_seg.reshape(b, -1, bk)
+    pos_ok = kp.min(-1)[:, None, :] <= qp.max(-1)[:, :, None]
+    seg_ok = (ks.min(-1)[:, None, :] <= qs.max(-1)[:, :, None]) & (
+        qs.min(-1)[:, :, None] <= ks.max(-1)[:, None, :]
+    )
+    return (pos_ok & seg_ok).astype(np.int32)
+
+
+@pytest.mark.parametrize("bq,bk", [(4, 4), (2, 8), (8, 2)])
+def test_visibility_from_block_ranges(bq, bk):
+    """Per-block ranges give the old table exactly, in every kernel's form (the table, the Pallas TPU kernel's
+    scalar test on the flattened ranges), and never skip a block that holds a visible pair."""
+    from lct_jax.kernels.pallas_tpu import _visible  # noqa: PLC0415
+
+    r = np.random.default_rng(3)
+    b, t = 3, 32
+    q_pos = np.stack([r.permutation(t) for _ in range(b)]).astype(np.int32)  # any token order (zigzag, ...)
+    kv_pos = np.stack([r.permutation(t) for _ in range(b)]).astype(np.int32)
+    q_seg = np.sort(r.integers(0, 3, (b, t)), axis=1).astype(np.int32)
+    kv_seg = np.sort(r.integers(0, 3, (b, t)), axis=1).astype(np.int32)
+    ranges = block_ranges(*(jnp.asarray(x) for x in (q_pos, kv_pos, q_seg, kv_seg)), bq, bk)
+    table = np.asarray(ranges.table())
+    np.testing.assert_array_equal(table, _old_table(q_pos, kv_pos, q_seg, kv_seg, bq, bk))
+    nq, nk = ranges.num_blocks
+    assert all(x.size in (b * nq, b * nk) for x in ranges.flat())  # linear in the local length
+    flat = [np.asarray(x) for x in ranges.flat()]
+    scalar = np.array([[[bool(_visible(flat, i, j, k, nq, nk)) for k in range(nk)] for j in range(nq)]
+                       for i in range(b)])  # fmt: skip
+    np.testing.assert_array_equal(scalar, table.astype(bool))
+    dense = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])  # [B, T, S]
+    holds = dense.reshape(b, nq, bq, nk, bk).any(axis=(2, 4))
+    assert np.all(table[holds] == 1), "a block with a visible pair was skipped"
+    assert (table == 0).any() and holds.any()

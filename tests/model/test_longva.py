@@ -189,18 +189,24 @@ def test_config_dict_round_trip_and_overrides():
         LongVAConfig.from_dict({**dataclasses.asdict(cfg), "image_newline": True})
 
 
-def test_sharded_forward_equals_unsharded():
+@pytest.mark.parametrize("mesh_sizes", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_forward_equals_unsharded(mesh_sizes):
     """data=2 x seq=2 x model=2 with ring attention: tiles spread over data x seq (act_tiles), tokens over seq
-    (ring), heads over model; same logits and visual tokens as one device."""
+    (ring), heads over model; same logits and visual tokens as one device. seq=8: 3 rows x 4 tiles = 12 tiles
+    on 8 devices (the tile batch is padded to 16 and the padding dropped)."""
     from lct_jax import sharding
 
     cfg, model = tiny_model(2, attention="auto")  # auto = ring on the seq=2 mesh, dense without one
     batch, _ = mixed_batch(cfg, seed=2)
-    batch = {k: np.concatenate([v, v[1:2]]) for k, v in batch.items()}  # B=4 divides data=2
+    if mesh_sizes[0] == 2:
+        batch = {k: np.concatenate([v, v[1:2]]) for k, v in batch.items()}  # B=4 divides data=2
+    else:  # T=28 -> 32 text tokens, a multiple of seq=8
+        extra = {"inputs": np.ones((3, 4), np.int32), "visual_index": np.full((3, 4), -1, np.int32)}
+        batch = {k: np.concatenate([v, extra[k]], 1) if k in extra else v for k, v in batch.items()}
     fwd = jax.jit(lambda m, b: m(**b))
     want, want_inter = fwd(model, {k: jnp.asarray(v) for k, v in batch.items()})
 
-    mesh = sharding.make_mesh(data=2, seq=2, model=2)
+    mesh = sharding.make_mesh(*mesh_sizes)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
     names = {"pixels": ("act_batch",), "pixel_mask": ("act_batch",)}

@@ -126,9 +126,14 @@ def test_mesh_errors_name_sizes():
     with pytest.raises(ValueError, match="does not divide 8"):
         sharding.make_mesh(data=3, seq=-1, model=1)
     mesh = sharding.make_mesh(seq=1, model=8)
+    # heads the model axis cannot split are replicated over it (the ring attention pads / repeats them) ...
     cfg = MESH_CFG.replace(num_heads=4, num_kv_heads=4, head_dim=16)
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match=r"size 4, which does not divide by mesh axes model"):
+    q = sharding.state_shardings(nnx.state(abstract), mesh)["layers"]["attn"]["q"]["kernel"]
+    assert q.spec == jax.sharding.PartitionSpec(None, ("data", "seq"), None, None)
+    # ... any other dimension that does not divide is an error naming it
+    abstract = nnx.eval_shape(lambda: Qwen2(MESH_CFG.replace(intermediate_size=12), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"size 12, which does not divide by mesh axes model"):
         sharding.state_shardings(nnx.state(abstract), mesh)
     model = Qwen2(MESH_CFG, rngs=nnx.Rngs(0))
     with jax.set_mesh(sharding.make_mesh(seq=8, model=1)), pytest.raises(ValueError, match="seq axis"):

@@ -1,10 +1,12 @@
 """Stage semantics: stage 1 trains only the projector (bit-for-bit), stage 2 gives the vision tower its own LR,
 and the 8-device ring-attention step equals the 1-device dense step."""
 
+import functools
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from lct_jax.data.loader import global_batch, zigzag_batch
 from lct_jax.model.qwen2 import PRESETS, Qwen2
@@ -104,32 +106,64 @@ def test_stage2_vision_lr_applies_to_exactly_the_vision_params():
     assert all(moved.values())
 
 
-def test_ring_attention_step_equals_dense_step():
-    cfg = PRESETS["tiny"].replace(dtype="float32", num_layers=2)
-    config = load_config(f"{CONFIGS / 'text_extension.py'}:size=tiny")
-    b, l = 2, 64
+def _text_batch(cfg, b=2, l=64):
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, (b, l + 1)).astype(np.int32)
-    batch = dict(
+    return dict(
         inputs=toks[:, :-1],
         targets=toks[:, 1:],
         loss_mask=(rng.random((b, l)) > 0.1).astype(np.float32),
         positions=np.tile(np.arange(l, dtype=np.int32), (b, 1)),
         segment_ids=np.repeat(np.array([[1] * 40 + [2] * 24]), b, 0).astype(np.int32),
     )
-    out = {}
-    for name, attn, mesh, bt in [
-        ("dense", "dense", make_mesh(1, 1, 1, devices=jax.devices()[:1]), batch),
-        ("ring", "ring", make_mesh(1, 8, 1), zigzag_batch(batch, 8)),
-    ]:
-        mk = lambda r, attn=attn: Qwen2(cfg.replace(attention=attn), rngs=r)  # noqa: E731
-        spec = make_state_spec(mk, config.optim, mesh)
-        state = init_state(spec, mk, config.optim, seed=0)
-        fn = jax.jit(make_loss_and_grads(spec, StepConfig(loss_chunk=8)))
-        with jax.set_mesh(mesh):
-            loss, _, grads = fn(state, global_batch(bt, mesh))
-        out[name] = (float(loss), _flat(grads))
-    diff = max(np.abs(out["ring"][1][k] - out["dense"][1][k]).max() for k in out["dense"][1])
-    print(f"ring vs dense: loss {out['ring'][0]:.7f} vs {out['dense'][0]:.7f}, max grad diff {diff:.2e}")
-    assert abs(out["ring"][0] - out["dense"][0]) <= 1e-5
+
+
+def _loss_and_grads(cfg, mesh, batch, step_cfg):
+    config = load_config(f"{CONFIGS / 'text_extension.py'}:size=tiny")
+    mk = lambda r: Qwen2(cfg, rngs=r)  # noqa: E731
+    spec = make_state_spec(mk, config.optim, mesh)
+    state = init_state(spec, mk, config.optim, seed=0)
+    fn = jax.jit(make_loss_and_grads(spec, step_cfg))
+    with jax.set_mesh(mesh):
+        loss, _, grads = fn(state, global_batch(batch, mesh))
+    return float(loss), _flat(grads)
+
+
+TINY = PRESETS["tiny"].replace(dtype="float32", num_layers=2)  # 4 query heads, 2 kv heads
+TINY6 = TINY.replace(num_heads=6, head_dim=16)  # 6 query heads: model=4 cannot split them
+
+
+@functools.cache
+def _one_device_dense(cfg):
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return _loss_and_grads(cfg.replace(attention="dense"), mesh, _text_batch(cfg), StepConfig(loss_chunk=8))
+
+
+@pytest.mark.parametrize(
+    "cfg,mesh,features",
+    [
+        (TINY, (1, 8, 1), dict(ring_head_passes=2)),  # ring attention over 8 shards, one ring per kv head
+        # ring over 2 shards, residual stream split over model=4 (> 2 kv heads: each shard gets its kv head),
+        # blockwise MLP (2 chunks of each shard's 32 tokens), embedding lookup in 4 chunks, 4 vocabulary chunks
+        (TINY, (1, 2, 4), dict(mlp_chunk=16, embed_chunk=16, vocab_chunk=128)),
+        # data=2 splits the rows; 6 query heads on model=4 are replicated (dense attention), blockwise MLP
+        (TINY6, (2, 1, 4), dict(mlp_chunk=16, vocab_chunk=100)),
+    ],
+)
+def test_sharded_step_equals_one_device_dense_step(cfg, mesh, features):
+    """Loss and every gradient of the sharded step (ring or dense attention, each memory feature on) equal the
+    plain 1-device dense step's."""
+    want = _one_device_dense(cfg)
+    features = dict(features)
+    step_cfg = StepConfig(loss_chunk=8, vocab_chunk=features.pop("vocab_chunk", 0))
+    batch, seq = _text_batch(cfg), mesh[1]
+    got = _loss_and_grads(
+        cfg.replace(attention="auto", **features),
+        make_mesh(*mesh),
+        zigzag_batch(batch, seq) if seq > 1 else batch,
+        step_cfg,
+    )
+    diff = max(np.abs(got[1][k] - want[1][k]).max() for k in want[1])
+    print(f"{mesh} {features}: loss {got[0]:.7f} vs {want[0]:.7f}, max grad diff {diff:.2e}")
+    assert abs(got[0] - want[0]) <= 1e-5
     assert diff <= 1e-5
