@@ -23,9 +23,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import lct_jax.fit as fit
-from lct_jax.cli import debug_requested, one_line, report_errors
+from lct_jax.cli import report_errors
 from lct_jax.errors import ConfigError
-from lct_jax.train.run import flag_error_message
+from lct_jax.train.run import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file: configs/<stage>.py:size=...")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU topology, e.g. v5e:16x16, v5p:4x8x8, v6e:2x2")
@@ -255,17 +255,5 @@ def _check(config) -> int:
     return 0 if p.fits else 1
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with a command line that does not parse (a mistyped ``--config.`` field) as one
-    ``error:`` line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # absl and ml_collections raise several types; all are the command line's fault
-        if debug_requested(argv):
-            raise
-        print(f"error: {one_line(flag_error_message(list(argv), e))}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: report_errors(lambda: main(argv), sys.argv), flags_parser=_parse_flags)
+    app.run(lambda argv: report_errors(lambda: main(argv), sys.argv), flags_parser=parse_flags)

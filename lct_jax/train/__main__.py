@@ -18,8 +18,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lct_jax.cli import debug_requested, one_line, report_errors, skip_absent_tpu
+from lct_jax.cli import report_errors, skip_absent_tpu
 from lct_jax.train import distributed
+from lct_jax.train.loop import NonFiniteError
+from lct_jax.train.run import parse_flags, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file: configs/<stage>.py:size=...")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and config.json go here")
@@ -41,9 +43,6 @@ def main(argv):
     skip_absent_tpu()
     given = {f.name: f.value for f in _SETTINGS}
     print(distributed.start(_DISTRIBUTED.value, distributed.settings(given), _DIST_TIMEOUT.value))
-    from lct_jax.train.loop import NonFiniteError  # noqa: PLC0415
-    from lct_jax.train.run import run  # noqa: PLC0415
-
     config = _CONFIG.value
     print(
         f"lct_jax.train: stage={config.stage} size={config.size} workdir={_WORKDIR.value} "
@@ -62,19 +61,5 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with a command line that does not parse (e.g. a mistyped ``--config.`` field) as one
-    ``error:`` line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # absl and ml_collections raise several types; all are the command line's fault
-        if debug_requested(argv):
-            raise
-        from lct_jax.train.run import flag_error_message  # noqa: PLC0415 - imports JAX; only on this path
-
-        print(f"error: {one_line(flag_error_message(list(argv), e))}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: report_errors(lambda: main(argv), sys.argv), flags_parser=_parse_flags)
+    app.run(lambda argv: report_errors(lambda: main(argv), sys.argv), flags_parser=parse_flags)

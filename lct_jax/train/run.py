@@ -21,12 +21,15 @@ import glob
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import jax
 import ml_collections
+from absl import flags
 from jax.experimental import multihost_utils
 
+from lct_jax.cli import debug_requested, one_line
 from lct_jax.convert.checkpoint import CONFIG_NAME, write_text_atomic
 from lct_jax.data.loader import global_batch
 from lct_jax.data.tokenizer import load_tokenizer
@@ -82,6 +85,18 @@ def flag_error_message(argv: list[str], err: Exception) -> str:
                 return f"--config.{name}: {spec.split(':')[0]} has no field {name!r}{hint}"
     text = str(err).strip().strip("'\"")
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def parse_flags(argv: list[str]):
+    """absl's flag parsing for the entry points (``app.run(..., flags_parser=parse_flags)``), with a command line
+    that does not parse (e.g. a mistyped ``--config.`` field) as one ``error:`` line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl and ml_collections raise several types; all are the command line's fault
+        if debug_requested(argv):
+            raise
+        print(f"error: {one_line(flag_error_message(list(argv), e))}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ------------------------------------------------------------------------------------------------ model
