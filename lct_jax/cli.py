@@ -62,12 +62,15 @@ def one_line(message: str) -> str:
 
 
 class _OrbaxTracebacks(logging.Filter):
-    """Drops Orbax's log records that carry a traceback (a failed background write, a failed finalize): Orbax
+    """Drops log records that carry a traceback from Orbax (a failed background write, a failed finalize) or of a
+    full disk from any logger (asyncio's "Task exception was never retrieved" for a write that fails late): Orbax
     re-raises the same exception to its caller, which reports it (one line for a full disk, a traceback for a
     bug); ``--debug`` keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info is not None and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.exc_info is None:
+            return True
+        return not (f"{os.sep}orbax{os.sep}" in record.pathname or is_disk_full(record.exc_info[1]))
 
 
 def _without_closed_loop_noise(hook):
@@ -87,23 +90,26 @@ def report_errors(fn: Callable[[], int], argv: Sequence[str] = ()) -> int:
     if debug_requested(argv):
         return fn()
     quiet, hook = _OrbaxTracebacks(), sys.unraisablehook
-    handlers = logging.getLogger().handlers + logging.getLogger("absl").handlers
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("absl").handlers, logging.lastResort]
     for h in handlers:
         h.addFilter(quiet)
     sys.unraisablehook = _without_closed_loop_noise(hook)
+
+    def loud():
+        sys.unraisablehook = hook
+        for h in handlers:
+            h.removeFilter(quiet)
+
     try:
         code = fn()
     except Exception as e:
         message = user_message(e)
         if message is None:
-            sys.unraisablehook = hook
+            loud()
             raise
         print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-        return 2  # (the quiet hook stays: the process is about to exit, and the late noise comes at exit)
-    finally:
-        for h in handlers:
-            h.removeFilter(quiet)
-    sys.unraisablehook = hook
+        return 2  # filters and hook stay: the process is about to exit, and the late noise comes at exit
+    loud()
     return code
 
 
