@@ -61,7 +61,7 @@ def test_layout_errors_name_what_divides():
     with pytest.raises(ValueError, match="unknown topology 'v5e-256'"):
         fit.get_topology("v5e-256")
     offload = _config(length=4096, rows=1, fields={"model.remat": "offload"})
-    with pytest.raises(ValueError, match="estimates .* miss the device buffers of remat='offload'"):
+    with pytest.raises(ValueError, match="estimates .* are not validated for remat='offload'"):
         fit.compile_probe(offload, topo, (1, 256, 1), estimate=True)
 
 
