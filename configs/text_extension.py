@@ -49,10 +49,18 @@ def get_config(arg: str | None = None):
     c.step.loss_chunk = 1_048_576 if size == "7b" else 4096  # tokens per row per chunk of the head
     if size == "7b":
         # the mesh `python -m lct_jax.fit --config=configs/text_extension.py:size=7b --topology=v5e:16x16
-        # --config.data.batch_size=1 --search` recommends: one row fits up to 14,942,208 tokens (14.2M; 15.43 GiB
-        # per chip, full compile), vs 14.0M on (1, 256, 1), 13.4M on (1, 64, 4), 8.3M on (1, 32, 8) (estimates);
-        # with --config.model.remat=offload 16M fits (12.63 GiB per chip, 12.25 GiB of host memory)
+        # --config.data.batch_size=1 --search` recommends: one row fits up to 14,942,208 tokens (14.2M; 14.99 GiB
+        # per chip, full compile, with the two settings below), vs 14.0M on (1, 256, 1), 13.4M on (1, 64, 4),
+        # 8.3M on (1, 32, 8) (estimates, before them);
+        # with --config.model.remat=offload (and --meshes=1x128x2) the search finds 35,192,832 tokens (33.6M, not
+        # 33.8M; 14.63 GiB of HBM per chip from the compiler's buffer dump, 25.70 GiB of host memory per chip)
         c.mesh.model = 2
+        # model = 2 leaves 2 kv heads per shard: one ring pass for both (two passes cost per-pass copies of q and
+        # dO that outweigh the halved fp32 accumulators) and MLP chunks of 4096 tokens: the fit check's line goes
+        # from 0.59 GiB + 276.7 KB to 1.04 GiB + 259.3 KB per token per chip (estimates); at 14.2M 14.99 GiB
+        # instead of 15.43 (full compiles)
+        c.model.ring_head_passes = 1
+        c.model.mlp_chunk = 4096
     if size == "tiny":
         c.data.seq_len = 256
         c.data.batch_size = 8

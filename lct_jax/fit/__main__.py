@@ -68,12 +68,18 @@ def _tokens(n: int) -> str:
 
 def _describe(p, topo) -> str:
     if p.fits:
-        host = f"; host {_gib(p.host)}" if p.host else ""
         kernel = "not compiled (estimate)" if p.estimated else ("yes" if p.kernel else "no")
         what = "estimated peak" if p.estimated else "peak"
+        # with buffers in host memory the compiler's peak is device arguments + host buffers, not HBM
+        if p.host:
+            return (
+                f"fits {_gib(topo.hbm_bytes)} HBM per chip (the compiler's HBM check passed; it reports no device "
+                f"peak with host offload); host {_gib(p.host)} per chip; Pallas kernel lowered: {kernel}; compile "
+                f"{p.seconds:.0f} s"
+            )
         return (
             f"{what} {_gib(p.peak)} per chip of {_gib(topo.hbm_bytes)} HBM: fits "
-            f"({p.peak / topo.hbm_bytes:.0%}){host}; Pallas kernel lowered: {kernel}; compile {p.seconds:.0f} s"
+            f"({p.peak / topo.hbm_bytes:.0%}); Pallas kernel lowered: {kernel}; compile {p.seconds:.0f} s"
         )
     need = f"needs ~{_gib(p.peak)}" if p.peak else "out of memory"
     return f"does not fit: {need} per chip of {_gib(topo.hbm_bytes)} HBM ({p.error[:160]}); {p.seconds:.0f} s"

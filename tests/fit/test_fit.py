@@ -61,7 +61,7 @@ def test_layout_errors_name_what_divides():
     with pytest.raises(ValueError, match="unknown topology 'v5e-256'"):
         fit.get_topology("v5e-256")
     offload = _config(length=4096, rows=1, fields={"model.remat": "offload"})
-    with pytest.raises(ValueError, match="estimates .* miss the device buffers of remat='offload'"):
+    with pytest.raises(ValueError, match="estimates .* are not validated for remat='offload'"):
         fit.compile_probe(offload, topo, (1, 256, 1), estimate=True)
 
 
@@ -111,3 +111,27 @@ def test_command_line(v5e_2x2):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: mesh data=1 x seq=3"
     )
+
+
+def test_confirm_steps_down_until_the_full_compile_fits():
+    """Full compiles that need more than the estimate said: each step cuts twice the overshoot (at least 2%), in
+    multiples of the granularity, until one fits; none fits within ``max_steps``: ``best`` is None."""
+    config = _config(size="7b", fields={"model.ring_kernel": "pallas_tpu"})
+    hbm = int(15.75 * GIB)
+    topo = fit.Topology("v5e:16x16", tuple(range(256)), hbm)
+    mesh, g = (1, 128, 2), 65536
+    fits_below = 14_942_208  # what the 7B search met: 14.6-14.8M need 15.85 GiB, 14.2M fits
+
+    def probe(n):
+        need = int(14.99 * GIB) if n <= fits_below else int(15.85 * GIB)
+        return fit.Probe(mesh, n, 1, n <= fits_below, need, 0, 0, True, 1.0)
+
+    res = fit.MeshResult(mesh, g, best=probe(15_466_496))
+    got = fit.confirm(config, topo, res, probe=probe)
+    lengths = [p.length for p in res.probes]
+    assert got.fits and got.length == res.best.length == lengths[-1] <= fits_below
+    assert len(lengths) <= 3 and all(n % g == 0 for n in lengths)
+    assert all(b <= a * 0.98 for a, b in zip(lengths, lengths[1:], strict=False)), lengths
+    assert fit.step_down(10 * g, 0, hbm, g) == 9 * g  # 2% of a short row is under one granularity step
+    res = fit.MeshResult(mesh, g, best=probe(15_466_496))
+    assert not fit.confirm(config, topo, res, max_steps=1, probe=probe).fits and res.best is None
