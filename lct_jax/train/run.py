@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from lct_jax.cli import debug_requested, one_line
 from lct_jax.convert.checkpoint import CONFIG_NAME, write_text_atomic
 from lct_jax.data import loader
-from lct_jax.data.loader import global_batch, mesh_data_shard
+from lct_jax.data.loader import global_batch
 from lct_jax.data.multimodal import MultimodalDataConfig
 from lct_jax.data.options import PipelineOptions
 from lct_jax.data.text import TextDataConfig
@@ -153,7 +153,7 @@ def _paths(spec: str) -> tuple[str, ...]:
 def pipeline_options(config, mesh):
     # Rows are split over the mesh's 'data' axis, not over processes: hosts that share 'data' coordinates (the
     # 'seq' axis spans them for long rows) must read the same shard and build identical rows.
-    index, count = mesh_data_shard(mesh)
+    index, count = loader.mesh_data_shard(mesh)
     if config.data.batch_size % count:
         raise ValueError(
             f"config.data.batch_size={config.data.batch_size} must divide by the {count} data shards "
