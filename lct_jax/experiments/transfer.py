@@ -126,7 +126,7 @@ class Plan:
     long_theta: float = 1e9
     short_theta: float = 1e6  # Qwen2's base
     stage0_tokens: int = 8192  # per optimizer step, both arms
-    stage0_steps: int = 200
+    stage0_steps: int = 400  # 200 left the text retrieval half learned (0.5 inside S, 0.2 at L)
     stage0_lr: float = 3e-3
     min_doc: int = 32
     stage1_steps: int = 120
@@ -575,6 +575,10 @@ class ExperimentError(UserError, ValueError):
     """A mistake the user can fix; shown as one ``error:`` line."""
 
 
+class ExperimentStopped(UserError, RuntimeError):
+    """A stage ended before its last step (a SIGTERM, or its data ran out): one ``error:`` line, resumable."""
+
+
 def run_experiment(work, seed: int = 0, plan: Plan = Plan(), progress: bool = True) -> dict:
     """Both arms, every stage, both evaluations, the figure and the table; returns (and writes) the results."""
     work = Path(work).absolute()
@@ -599,6 +603,11 @@ def run_experiment(work, seed: int = 0, plan: Plan = Plan(), progress: bool = Tr
             print(f"\n=== {phase}: configs/{STAGE_FILES[stage]}:size=tiny -> {stage_dir}")
             t0 = time.time()
             result = run(config, stage_dir)
+            if result.status != "done":  # a SIGTERM (saved: resumable) or data that ran out: never go on
+                raise ExperimentStopped(
+                    f"{phase} stopped at step {last_step(stage_dir)} of {config.num_steps} ({result.status}); "
+                    "rerun the same command to resume"
+                )
             hist = [h["loss"] for h in result.history]
             if hist or phase not in phases:
                 phases[phase] = {
