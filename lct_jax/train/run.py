@@ -31,7 +31,11 @@ from jax.experimental import multihost_utils
 
 from lct_jax.cli import debug_requested, one_line
 from lct_jax.convert.checkpoint import CONFIG_NAME, write_text_atomic
+from lct_jax.data import loader
 from lct_jax.data.loader import global_batch
+from lct_jax.data.multimodal import MultimodalDataConfig
+from lct_jax.data.options import PipelineOptions
+from lct_jax.data.text import TextDataConfig
 from lct_jax.data.tokenizer import load_tokenizer
 from lct_jax.errors import CheckpointError, ConfigError, DiskFullError, is_disk_full
 from lct_jax.sharding import make_mesh
@@ -147,11 +151,9 @@ def _paths(spec: str) -> tuple[str, ...]:
 
 
 def pipeline_options(config, mesh):
-    from lct_jax.data.loader import PipelineOptions, mesh_data_shard  # noqa: PLC0415
-
     # Rows are split over the mesh's 'data' axis, not over processes: hosts that share 'data' coordinates (the
     # 'seq' axis spans them for long rows) must read the same shard and build identical rows.
-    index, count = mesh_data_shard(mesh)
+    index, count = loader.mesh_data_shard(mesh)
     if config.data.batch_size % count:
         raise ValueError(
             f"config.data.batch_size={config.data.batch_size} must divide by the {count} data shards "
@@ -185,16 +187,34 @@ def check_vocab(config, model_cfg) -> None:
         )
 
 
+def multimodal_data_config(config, model_cfg, options: PipelineOptions | None = None) -> MultimodalDataConfig:
+    """Stage 1/2's :class:`MultimodalDataConfig` from ``config.data``; the tower of ``model_cfg`` decides the tile
+    size and visual tokens per tile. ``options`` (grain sharding, workers) only matter to a loader."""
+    d = config.data
+    if not d.annotations:
+        raise ValueError("config.data.annotations is empty: give the LLaVA-style .json/.jsonl file")
+    return MultimodalDataConfig(
+        annotations=d.annotations,
+        max_len=d.max_len,
+        max_tiles=d.max_tiles,
+        image_root=d.image_root,
+        template=d.template,
+        image_mode=d.image_mode,
+        tokenizer=d.tokenizer,
+        tile=model_cfg.tile,  # the tower's input size decides these two, not the data config
+        tokens_per_tile=model_cfg.tokens_per_tile,
+        num_frames=d.num_frames,
+        pack=d.pack,
+        options=options or PipelineOptions(),
+    )
+
+
 def build_data(config, mesh, model_cfg):
     """The stage's grain iterator (batches of this process's rows) for the model ``model_cfg``
     (:func:`build_model`'s second value), whose vocabulary the tokenizer must fit."""
-    from lct_jax.data import loader  # noqa: PLC0415
-
     d = config.data
     check_vocab(config, model_cfg)
     if config.stage == "text_extension":
-        from lct_jax.data.text import TextDataConfig  # noqa: PLC0415
-
         cfg = TextDataConfig(
             seq_len=d.seq_len,
             source=d.source,
@@ -213,24 +233,7 @@ def build_data(config, mesh, model_cfg):
                 "config.data.paths is empty: give the training files (--config.data.paths=a.jsonl,...)"
             )
         return iter(loader.text_dataset(cfg))
-    from lct_jax.data.multimodal import MultimodalDataConfig  # noqa: PLC0415
-
-    if not d.annotations:
-        raise ValueError("config.data.annotations is empty: give the LLaVA-style .json/.jsonl file")
-    cfg = MultimodalDataConfig(
-        annotations=d.annotations,
-        max_len=d.max_len,
-        max_tiles=d.max_tiles,
-        image_root=d.image_root,
-        template=d.template,
-        image_mode=d.image_mode,
-        tokenizer=d.tokenizer,
-        tile=model_cfg.tile,  # the tower's input size decides these two, not the data config
-        tokens_per_tile=model_cfg.tokens_per_tile,
-        num_frames=d.num_frames,
-        pack=d.pack,
-        options=pipeline_options(config, mesh),
-    )
+    cfg = multimodal_data_config(config, model_cfg, pipeline_options(config, mesh))
     return iter(loader.multimodal_dataset(cfg))
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from lct_jax.data.tokenizer import load_tokenizer
 from lct_jax.experiments import transfer as T
+from lct_jax.train.loop import LoopResult
 
 REPO = Path(__file__).resolve().parents[2]
 # per stage: what may differ between the arms (besides paths that name the arm's own workdir)
@@ -161,3 +162,20 @@ def test_workdir_of_another_seed_is_refused(tmp_path):
         T.check_workdir(tmp_path, 1, plan)
     with pytest.raises(T.ExperimentError):
         T.check_workdir(tmp_path, 0, T.Plan())
+
+
+def test_a_stage_that_stops_early_stops_the_experiment(tmp_path, monkeypatch):
+    """A SIGTERM'd stage (saved, status 'preempted') ends the experiment with a resumable ``error:``; the next
+    stage never starts from a half-trained one."""
+    calls = []
+
+    def stopped(config, workdir):
+        calls.append(Path(workdir).name)
+        return LoopResult(state=None, history=[{"loss": 1.0}], status="preempted")
+
+    monkeypatch.setattr(T, "run", stopped)
+    with pytest.raises(
+        T.ExperimentStopped, match=r"^long/stage0 stopped at step None of 3 \(preempted\); rerun"
+    ):
+        T.run_experiment(tmp_path, 0, T.Plan.reduced(), progress=False)
+    assert calls == ["stage0"]
