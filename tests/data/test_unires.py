@@ -362,6 +362,7 @@ def test_normalize_table_equals_formula_for_every_byte():
 def test_real_photos_from_scikit_image(tmp_path, name, size, canvas, tiles, geometry):
     """Real photographs (scikit-image's bundled samples), through a JPEG file on disk like the loaders read."""
     import skimage.data as skimage_data  # a declared test dependency: fail loudly if missing
+
     path = tmp_path / f"{name}.jpg"
     Image.fromarray(getattr(skimage_data, name)()).save(path, quality=95)
     img = load_image(path)
