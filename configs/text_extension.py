@@ -50,8 +50,8 @@ def get_config(arg: str | None = None):
     if size == "7b":
         # the mesh `python -m lct_jax.fit --config=configs/text_extension.py:size=7b --topology=v5e:16x16
         # --config.data.batch_size=1 --search` recommends: rows up to 14,680,064 tokens (14.0M; 14.70 GiB per chip,
-        # full compile; a full compile at 14,942,208 = 14.2M also fits, 14.99 GiB), vs 14.0M on (1, 256, 1), 13.4M
-        # on (1, 64, 4), 8.3M on (1, 32, 8) (estimates, before the two settings below);
+        # full compile; a full compile at 14,942,208 = 14.2M also fits, 14.99 GiB), vs 13.4M on (1, 256, 1), 13.4M
+        # on (1, 64, 4), 8.3M on (1, 32, 8) (estimates; the search takes 5.6 min);
         # with --config.model.remat=offload (and --meshes=1x128x2) the search finds 35,192,832 tokens (33.6M, not
         # 33.8M; 14.63 GiB of HBM per chip from the compiler's buffer dump, 25.70 GiB of host memory per chip)
         c.mesh.model = 2
