@@ -91,6 +91,8 @@ def test_data_invariants(tmp_path):
     # a row: 16 prompt tokens, 4 per frame, "\n?<|im_end|>\n<|im_start|>assistant\n" (15), the answer,
     # <|im_end|>\n, shifted once: 32 + 4k + len(answer)
     want = max(32 + 4 * len(r["image"]) + len(r["conversations"][-1]["value"]) for r in records)
+    model_cfg = T.build_model(config)[1]  # the images are drawn for the tiny tower these constants name
+    assert (model_cfg.tile, model_cfg.tokens_per_tile) == (T.TILE, T.TOKENS_PER_FRAME) == (56, 4)
     assert T.longest_stage2_row(config) == want <= plan.short_len
     # evaluation draws are fresh: no needle or haystack frame equals a training image
     train = {Image.open(p).tobytes() for p in Path(data["images"]).glob("*.png")}
