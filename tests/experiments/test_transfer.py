@@ -48,7 +48,7 @@ def check_arm_configs(configs: dict[str, dict]) -> None:
         assert arm_diff(long[stage], short[stage]) == DERIVED_FIELDS, stage
         for arm in (long, short):
             assert arm[stage]["model"]["rope_theta"] == arm["stage0"]["model"]["rope_theta"]
-    assert long["stage0"]["model"]["rope_theta"] == 1e9 and short["stage0"]["model"]["rope_theta"] == 1e4
+    assert long["stage0"]["model"]["rope_theta"] == 1e9 and short["stage0"]["model"]["rope_theta"] == 1e3
     tokens = lambda c: c["data"]["seq_len"] * c["data"]["batch_size"]  # noqa: E731
     assert tokens(long["stage0"]) == tokens(short["stage0"])
     assert long["stage0"]["num_steps"] == short["stage0"]["num_steps"]
