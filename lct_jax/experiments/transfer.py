@@ -51,14 +51,18 @@ The data (:func:`write_data`, seeded, identical for both arms) and why each choi
 - **evaluation needles and haystack frames are fresh draws** (another seed stream), never seen in training;
   one needle per colour, depths 0, 0.25, 0.5, 0.75, 1: 30 samples per frame count.
 
-What stage 0 learns (measured): the text retrieval, in 400 steps (200 left it half learned: 0.5 inside S, 0.2 at
-L, seed 0). The long arm's text NIAH is 0.96-1.00 inside S and 0.70-0.97 at 506 tokens (seeds 0-2); the short
-arm's 0.53-0.96 inside S and 0.00 past 1.3x S. V-NIAH from 2x the longest stage-2 row: long 0.94 / 0.73 / 0.92,
-short 0.03 / 0.21 / 0.39 (seeds 0 / 1 / 2); both 1.00 inside S. So the effect shows in every seed, but only seed 0
-meets the acceptance margins: in seed 1 the long arm decays with length (0.93 at 170 tokens, 0.63-0.83 from 298),
-in seed 2 the short arm's visual retrieval partly carries past S (0.83 at 298 tokens, 0.00 at 362) although its
-text retrieval stops there. With 200 stage-0 steps the seeds split the other way (long 0.97 / 0.99 / 0.00, short
-0.00 in all three): whether stage 2's solution carries in length was up to the seed.
+Measured (seeds 0 / 1 / 2): V-NIAH from 2x the longest stage-2 row, long 0.90 / 0.97 / 0.95, short 0.03 / 0.24 /
+0.09; inside S long 0.98 / 1.00 / 1.00, short 1.00 in all three. Text NIAH inside S is 0.96-1.00 in both arms; from
+2x the stage-2 row the long arm's is 0.89-0.99 and the short arm's 0.00-0.02. One run takes 16.4 min on an idle
+2-core CPU. What did not work on the way (each a measured run):
+
+- 200 stage-0 steps: the text retrieval half learned (0.5 inside S, 0.2 at L), and whether stage 2's solution
+  carried in length was up to the seed (long arm 0.97 / 0.99 / 0.00). 400 steps learn it; a cosine schedule for
+  them, or 5e-3 with warmup, was no better (seed 1, retrieval at L 0.73 and 0.27 against 0.78 at constant 3e-3).
+- 800 stage-2 steps (loss ~0.001): seed 1's long arm decayed past 2x the stage-2 row (0.73); an LM LR of 3e-4
+  instead of 1e-3 made it decay faster (0.30 at 506 tokens). 500 steps: 0.97.
+- the short arm at Qwen2's θ = 1e6, then 1e4: its visual retrieval partly carried past S (seed 2 0.39 at 1e6;
+  seed 1 0.52 at 1e4) while its text retrieval stopped there; see :attr:`Plan.short_theta`.
 
 Outputs in WORKDIR: ``transfer.png`` (both arms' V-NIAH and text-NIAH heatmaps side by side), ``results.json``
 (per arm: mean accuracy per length band, per-column means, timings; plus the paths of the full
