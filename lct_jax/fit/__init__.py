@@ -515,14 +515,20 @@ def search_mesh(
 
 
 def confirm(
-    config, topo: Topology, res: MeshResult, program: str = "train", max_steps: int = 3, probe=None
+    config,
+    topo: Topology,
+    res: MeshResult,
+    program: str = "train",
+    max_steps: int = 3,
+    probe: Callable[[int], Probe] | None = None,
 ) -> Probe:
     """A full compile at the ceiling an estimated search found (the kernel lowered, the compiler's own peak); shorter
     while it does not fit (:func:`step_down`), at most ``max_steps`` compiles. Updates ``res.best``/``res.first_fail``.
     ``probe(length)`` replaces the compile (tests)."""
-    probe = probe or (
-        lambda n: compile_probe(with_overrides(config, length=n), topo, res.mesh, program, rows=res.best.rows)
-    )
+    if probe is None:
+        probe = lambda n: compile_probe(  # noqa: E731
+            with_overrides(config, length=n), topo, res.mesh, program, rows=res.best.rows
+        )
     length = res.ceiling
     for _ in range(max_steps):
         p = probe(length)
